@@ -1,0 +1,39 @@
+# The two commands a user needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint proto bench system-deps clean
+
+run: $(STAMP)
+	$(BIN)/pykine
+
+test: system-deps $(STAMP) lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pykine tests
+	$(BIN)/ruff format --check pykine tests
+
+# Regenerate the Python code for the wire declarations in pykine/wire/*.proto.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		pykine/wire/kv.proto pykine/wire/rpc.proto
+
+bench:
+	@echo "make bench: not yet (the benchmark against real etcd is issue 5)"
+
+# Real etcd and etcdctl for the differential tests, from Debian.
+system-deps:
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client; }
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,49 @@
+"""Datastore backends, chosen by the --endpoint DSN."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from pykine.backends.base import Backend, BackendError
+
+DEFAULT_SQLITE_PATH = "./db/state.db"
+
+# Options kine's SQLite DSNs carry for its Go driver that have no meaning here.
+IGNORED_SQLITE_OPTIONS = {"cache", "_txlock", "mode", "_fk", "_foreign_keys"}
+
+PLANNED_SCHEMES = ("postgres", "postgresql", "mysql", "nats", "dqlite", "http", "https")
+
+
+def open_backend(endpoint: str) -> Backend:
+    """Build the backend an endpoint names; raise BackendError for a bad one."""
+    if not endpoint:
+        return _sqlite(DEFAULT_SQLITE_PATH, "")
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        raise BackendError(f"endpoint {endpoint!r} is not a DSN (expected scheme://...)")
+    if scheme == "sqlite":
+        path, _, query = rest.partition("?")
+        return _sqlite(path or DEFAULT_SQLITE_PATH, query)
+    if scheme in PLANNED_SCHEMES:
+        raise BackendError(f"endpoint scheme {scheme!r} is not supported by this pykine yet")
+    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite)")
+
+
+def _sqlite(path: str, query: str) -> Backend:
+    from pykine.backends.sqlite import SQLiteBackend
+
+    synchronous = "FULL"
+    busy_timeout_ms = 30000
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in ("_synchronous", "synchronous", "_sync"):
+            synchronous = value
+        elif name in ("_busy_timeout", "busy_timeout", "_timeout"):
+            if not value.isdigit():
+                raise BackendError(f"sqlite option {name} must be milliseconds, got {value!r}")
+            busy_timeout_ms = int(value)
+        elif name in ("_journal", "_journal_mode"):
+            if value.upper() != "WAL":
+                raise BackendError("pykine runs SQLite in WAL mode only")
+        elif name not in IGNORED_SQLITE_OPTIONS:
+            raise BackendError(f"unknown sqlite option {name!r}")
+    return SQLiteBackend(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)

@@ -1,0 +1,86 @@
+"""The small interface every datastore implements.
+
+A backend stores revisioned rows and answers reads in consistent snapshots.
+It knows nothing of etcd's rules: the engine hands it a `plan`, a pure function
+that turns the snapshot read inside the write transaction into a WriteSet, and
+the backend stores that WriteSet atomically before it returns.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pykine.engine.records import RangeQuery, RangeRows, Snapshot, SnapshotRead, WriteSet
+
+T = TypeVar("T")
+
+Plan = Callable[[Snapshot], tuple[WriteSet, T]]
+
+
+class BackendError(Exception):
+    """The datastore could not be opened or failed a request."""
+
+
+@dataclass(slots=True)
+class StorageStatus:
+    db_size: int
+    db_size_in_use: int
+
+
+class Backend(ABC):
+    """Storage for one pykine datastore."""
+
+    #: A short name for logs and Status.
+    name: str
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Open connections and create or upgrade the schema."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; pending calls may fail."""
+
+    @abstractmethod
+    async def cluster_id(self) -> int:
+        """A stable random id chosen when the datastore was created."""
+
+    @abstractmethod
+    async def revisions(self) -> tuple[int, int]:
+        """(current revision, compact revision) from one snapshot."""
+
+    @abstractmethod
+    async def read_range(self, query: RangeQuery) -> RangeRows:
+        """Answer one range read from a single consistent snapshot."""
+
+    @abstractmethod
+    async def read_snapshot(self, reads: Iterable[SnapshotRead]) -> Snapshot:
+        """Read several spans from one consistent snapshot (read-only txns)."""
+
+    @abstractmethod
+    async def commit(self, reads: Iterable[SnapshotRead], leases: Iterable[int], plan: Plan[T]) -> tuple[WriteSet, T]:
+        """Run `plan` on a snapshot taken under the write lock, then store its WriteSet.
+
+        Nothing is visible to readers before this returns, and everything is
+        durable when it does.
+        """
+
+    @abstractmethod
+    async def compact_step(self, target: int, max_revisions: int) -> int:
+        """Delete history made obsolete by compaction, for at most `max_revisions`
+        revisions, in one short transaction. Returns the revision done through."""
+
+    @abstractmethod
+    async def compaction_progress(self) -> tuple[int, int]:
+        """(compact revision requested, revision physically compacted through)."""
+
+    @abstractmethod
+    async def status(self) -> StorageStatus:
+        """Sizes reported by Maintenance.Status."""
+
+    @abstractmethod
+    async def defragment(self) -> None:
+        """Return free space to the file system, where the datastore can."""

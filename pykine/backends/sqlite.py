@@ -1,0 +1,406 @@
+"""SQLite: the embedded default datastore.
+
+One writer thread owns the only writing connection, so a whole write batch
+(snapshot read, plan, insert, commit) costs one thread hop. Readers use their
+own connections on a small pool; in WAL mode they never wait for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from pykine.backends.base import Backend, BackendError, Plan, StorageStatus
+from pykine.engine.records import (
+    KeySpan,
+    KeyValueRow,
+    RangeQuery,
+    RangeRows,
+    Snapshot,
+    SnapshotRead,
+    WriteSet,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- The live state: one row per existing key.
+CREATE TABLE IF NOT EXISTS kv (
+    key BLOB PRIMARY KEY,
+    create_revision INTEGER NOT NULL,
+    mod_revision INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    lease INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Every change: one row per key per revision; deleted rows are tombstones.
+CREATE TABLE IF NOT EXISTS kv_history (
+    revision INTEGER NOT NULL,
+    sub INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    create_revision INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    lease INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    prev_revision INTEGER NOT NULL,
+    PRIMARY KEY (revision, sub)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_history_key ON kv_history (key, revision);
+
+CREATE TABLE IF NOT EXISTS lease (
+    id INTEGER PRIMARY KEY,
+    ttl INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+# Revision 1 is the empty store, as in etcd; -1 means never compacted.
+INITIAL_META = {
+    "schema_version": SCHEMA_VERSION,
+    "revision": 1,
+    "compact_revision": -1,
+    "compacted_through": 0,
+}
+
+KV_COLUMNS = "key, create_revision, mod_revision, version, value, lease"
+KEYS_ONLY_COLUMNS = "key, create_revision, mod_revision, version, x'', lease"
+
+# The state at revision R: for each key the newest history row at or below R
+# (SQLite takes bare columns from the row that holds the max()).
+STATE_AT = """(
+    SELECT key, create_revision, revision AS mod_revision, version, value, lease, deleted,
+           max(revision)
+    FROM kv_history WHERE {span} AND revision <= ? GROUP BY key
+) WHERE deleted = 0"""
+
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+IN_CHUNK = 500
+
+
+def _span_sql(span: KeySpan) -> tuple[str, list[Any]]:
+    if span.single_key:
+        return "key = ?", [span.start]
+    if span.end is None:
+        return "key >= ?", [span.start]
+    return "key >= ? AND key < ?", [span.start, span.end]
+
+
+def _filters_sql(query: RangeQuery) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, op, bound in (
+        ("mod_revision", ">=", query.min_mod_revision),
+        ("mod_revision", "<=", query.max_mod_revision),
+        ("create_revision", ">=", query.min_create_revision),
+        ("create_revision", "<=", query.max_create_revision),
+    ):
+        if bound:
+            clauses.append(f" AND {column} {op} ?")
+            params.append(bound)
+    return "".join(clauses), params
+
+
+def _order_sql(query: RangeQuery) -> str:
+    if query.sort is None:
+        return " ORDER BY key"
+    direction = "DESC" if query.sort.descending else "ASC"
+    if query.sort.field == "key":
+        return f" ORDER BY key {direction}"
+    return f" ORDER BY {query.sort.field} {direction}, key"
+
+
+class SQLiteBackend(Backend):
+    name = "sqlite"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 30000,
+        readers: int = 2,
+    ) -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise BackendError(f"sqlite synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        self.path = path
+        self._synchronous = synchronous.upper()
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
+
+    # -- connections -----------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, cached_statements=512)
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    async def _on(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    async def start(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            await self._on(self._writer, self._init_schema)
+        except (OSError, sqlite3.Error) as exc:
+            raise BackendError(f"cannot open sqlite database {self.path}: {exc}") from exc
+
+    def _init_schema(self) -> None:
+        conn = self._connection()
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"journal mode WAL not available (got {mode})")
+        # Every statement of SCHEMA is idempotent; the script runs as one transaction.
+        conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            if found is None:
+                meta = dict(INITIAL_META, cluster_id=random.getrandbits(63) or 1)
+                conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", meta.items())
+            elif found[0] > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {found[0]} is newer than this pykine supports ({SCHEMA_VERSION})"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    # -- shared helpers ----------------------------------------------------------
+
+    @staticmethod
+    def _meta(conn: sqlite3.Connection, name: str) -> int:
+        return conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0]
+
+    def _revisions(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        rows = dict(conn.execute("SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')"))
+        return rows["revision"], rows["compact_revision"]
+
+    def _read_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn inside one deferred transaction: a consistent WAL snapshot."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    async def cluster_id(self) -> int:
+        return await self._on(self._readers, lambda: self._meta(self._connection(), "cluster_id"))
+
+    # -- reads -------------------------------------------------------------------
+
+    async def revisions(self) -> tuple[int, int]:
+        return await self._on(self._readers, lambda: self._revisions(self._connection()))
+
+    async def read_range(self, query: RangeQuery) -> RangeRows:
+        return await self._on(self._readers, self._read_transaction, lambda conn: self._range(conn, query))
+
+    def _range(self, conn: sqlite3.Connection, query: RangeQuery) -> RangeRows:
+        revision, compact = self._revisions(conn)
+        if query.revision > revision or 0 < query.revision < compact or query.span.empty:
+            return RangeRows(revision, compact, [], 0)
+        span, params = _span_sql(query.span)
+        # Both sources end in a WHERE clause that filters can extend with AND.
+        if query.revision and query.revision < revision:
+            source = STATE_AT.format(span=span)
+            params.append(query.revision)
+        else:
+            source = f"kv WHERE {span}"
+        count = 0
+        if query.count_only or query.need_count:
+            count = conn.execute(f"SELECT count(*) FROM {source}", params).fetchone()[0]
+        if query.count_only:
+            return RangeRows(revision, compact, [], count)
+        filters, filter_params = _filters_sql(query)
+        columns = KEYS_ONLY_COLUMNS if query.keys_only else KV_COLUMNS
+        sql = f"SELECT {columns} FROM {source}{filters}{_order_sql(query)}"
+        params.extend(filter_params)
+        if query.limit:
+            sql += " LIMIT ?"
+            params.append(query.limit)
+        rows = list(map(KeyValueRow._make, conn.execute(sql, params)))
+        if not query.need_count:
+            count = len(rows)
+        return RangeRows(revision, compact, rows, count)
+
+    async def read_snapshot(self, reads: Iterable[SnapshotRead]) -> Snapshot:
+        reads = list(reads)
+        return await self._on(self._readers, self._read_transaction, lambda conn: self._snapshot(conn, reads, ()))
+
+    def _snapshot(self, conn: sqlite3.Connection, reads: list[SnapshotRead], leases: Iterable[int]) -> Snapshot:
+        revision, compact = self._revisions(conn)
+        latest: dict[bytes, KeyValueRow] = {}
+        singles: list[bytes] = []
+        history: dict[SnapshotRead, list[KeyValueRow]] = {}
+        for read in reads:
+            if read.revision and read.revision < revision:
+                if read.revision >= compact and not read.span.empty:
+                    span, params = _span_sql(read.span)
+                    sql = f"SELECT {KV_COLUMNS} FROM {STATE_AT.format(span=span)} ORDER BY key"
+                    history[read] = list(map(KeyValueRow._make, conn.execute(sql, [*params, read.revision])))
+            elif read.span.single_key:
+                singles.append(read.span.start)
+            elif not read.span.empty:
+                span, params = _span_sql(read.span)
+                for row in conn.execute(f"SELECT {KV_COLUMNS} FROM kv WHERE {span}", params):
+                    latest[row[0]] = KeyValueRow._make(row)
+        for start in range(0, len(singles), IN_CHUNK):
+            chunk = singles[start : start + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row in conn.execute(f"SELECT {KV_COLUMNS} FROM kv WHERE key IN ({marks})", chunk):
+                latest[row[0]] = KeyValueRow._make(row)
+        found_leases: set[int] = set()
+        lease_ids = list(leases)
+        if lease_ids:
+            marks = ",".join("?" * len(lease_ids))
+            found_leases = {row[0] for row in conn.execute(f"SELECT id FROM lease WHERE id IN ({marks})", lease_ids)}
+        return Snapshot(revision, compact, list(latest.values()), history, found_leases)
+
+    # -- writes --------------------------------------------------------------------
+
+    async def commit(self, reads: Iterable[SnapshotRead], leases: Iterable[int], plan: Plan[T]) -> tuple[WriteSet, T]:
+        reads, leases = list(reads), list(leases)
+        return await self._on(self._writer, self._commit, reads, leases, plan)
+
+    def _commit(self, reads: list[SnapshotRead], leases: list[int], plan: Plan[T]) -> tuple[WriteSet, T]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            snapshot = self._snapshot(conn, reads, leases)
+            write_set, outcome = plan(snapshot)
+            self._store(conn, snapshot, write_set)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return write_set, outcome
+
+    @staticmethod
+    def _store(conn: sqlite3.Connection, snapshot: Snapshot, write_set: WriteSet) -> None:
+        if write_set.changes:
+            conn.executemany(
+                "INSERT INTO kv_history (revision, sub, key, create_revision, version, value, lease,"
+                " deleted, prev_revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        c.kv.mod_revision,
+                        c.sub,
+                        c.kv.key,
+                        c.kv.create_revision,
+                        c.kv.version,
+                        c.kv.value,
+                        c.kv.lease,
+                        c.deleted,
+                        c.prev.mod_revision if c.prev else 0,
+                    )
+                    for c in write_set.changes
+                ],
+            )
+            final = {c.kv.key: c for c in write_set.changes}
+            deleted = [(key,) for key, c in final.items() if c.deleted]
+            if deleted:
+                conn.executemany("DELETE FROM kv WHERE key = ?", deleted)
+            live = [c.kv for c in final.values() if not c.deleted]
+            if live:
+                conn.executemany(f"INSERT OR REPLACE INTO kv ({KV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", live)
+        if write_set.revision != snapshot.revision:
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (write_set.revision,))
+        if write_set.compact_revision != snapshot.compact_revision:
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'compact_revision'", (write_set.compact_revision,))
+
+    # -- compaction ------------------------------------------------------------------
+
+    async def compaction_progress(self) -> tuple[int, int]:
+        def read(conn: sqlite3.Connection) -> tuple[int, int]:
+            return self._meta(conn, "compact_revision"), self._meta(conn, "compacted_through")
+
+        return await self._on(self._readers, self._read_transaction, read)
+
+    async def compact_step(self, target: int, max_revisions: int) -> int:
+        return await self._on(self._writer, self._compact_step, target, max_revisions)
+
+    def _compact_step(self, target: int, max_revisions: int) -> int:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = self._meta(conn, "compacted_through")
+            upto = min(target, done + max_revisions)
+            if upto > done:
+                # A row at revision r in (done, upto] supersedes every older row
+                # of its key; a tombstone at or below the target goes as well.
+                conn.execute(
+                    "DELETE FROM kv_history WHERE (revision, sub) IN ("
+                    " SELECT old.revision, old.sub FROM kv_history AS cur"
+                    " JOIN kv_history AS old ON old.key = cur.key AND old.revision < cur.revision"
+                    " WHERE cur.revision > ? AND cur.revision <= ?)",
+                    (done, upto),
+                )
+                conn.execute(
+                    "DELETE FROM kv_history WHERE revision > ? AND revision <= ? AND deleted = 1",
+                    (done, upto),
+                )
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'compacted_through'", (upto,))
+            conn.execute("COMMIT")
+            return max(upto, done)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- maintenance -------------------------------------------------------------------
+
+    async def status(self) -> StorageStatus:
+        def read() -> StorageStatus:
+            conn = self._connection()
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            return StorageStatus(pages * page_size, (pages - free) * page_size)
+
+        return await self._on(self._readers, read)
+
+    async def defragment(self) -> None:
+        def vacuum() -> None:
+            conn = self._connection()
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await self._on(self._writer, vacuum)

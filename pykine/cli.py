@@ -1,0 +1,123 @@
+"""The `pykine` command line, compatible with kine's flags.
+
+Every flag can also come from the environment as PYKINE_<FLAG>, and, where
+kine has the flag, as KINE_<FLAG>. A command-line flag wins over both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import NoReturn
+
+from pykine import __version__
+
+# Flags kine also has, so KINE_<FLAG> is honoured for them.
+KINE_FLAGS = {"listen-address", "endpoint", "debug", "emulated-etcd-version", "compact-batch-size"}
+
+
+@dataclass(slots=True)
+class Settings:
+    listen_address: str
+    endpoint: str
+    log_format: str
+    debug: bool
+    emulated_etcd_version: str
+    compact_batch_size: int
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One clear line and exit code 2, instead of usage plus error."""
+        self.exit(2, f"pykine: error: {message}\n")
+
+
+def _env(flag: str) -> str | None:
+    name = flag.upper().replace("-", "_")
+    value = os.environ.get(f"PYKINE_{name}")
+    if value is None and flag in KINE_FLAGS:
+        value = os.environ.get(f"KINE_{name}")
+    return value
+
+
+def _env_bool(flag: str) -> bool:
+    value = _env(flag)
+    if value is None:
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    fail(f"environment value for --{flag} must be true or false, got {value!r}")
+
+
+def fail(message: str) -> NoReturn:
+    sys.stderr.write(f"pykine: error: {message}\n")
+    raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pykine", description="An etcd v3 API server backed by ordinary databases.")
+    parser.add_argument(
+        "--listen-address",
+        default=_env("listen-address") or "127.0.0.1:2379",
+        help="host:port or unix://path to serve gRPC on (default 127.0.0.1:2379)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        default=_env("endpoint") or "",
+        help="datastore DSN; empty means SQLite at ./db/state.db, or sqlite://path.db?options",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default=_env("log-format") or "plain",
+        help="log line format (default plain)",
+    )
+    parser.add_argument("--debug", action="store_true", default=_env_bool("debug"), help="log at debug level")
+    parser.add_argument(
+        "--emulated-etcd-version",
+        default=_env("emulated-etcd-version") or "3.5.13",
+        help="etcd version reported by Maintenance.Status (default 3.5.13)",
+    )
+    parser.add_argument(
+        "--compact-batch-size",
+        type=_positive_int,
+        default=_env("compact-batch-size") or "1000",
+        help="revisions compacted per transaction (default 1000)",
+    )
+    parser.add_argument("--version", action="version", version=f"pykine {__version__}")
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    if args.log_format not in ("plain", "json"):
+        fail(f"--log-format must be plain or json, got {args.log_format!r}")
+    return Settings(
+        listen_address=args.listen_address,
+        endpoint=args.endpoint,
+        log_format=args.log_format,
+        debug=args.debug,
+        emulated_etcd_version=args.emulated_etcd_version,
+        compact_batch_size=args.compact_batch_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    from pykine.server import run
+
+    run(settings)

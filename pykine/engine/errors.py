@@ -1,0 +1,25 @@
+"""Failures the engine reports; the services map each to etcd's gRPC error."""
+
+
+class EngineError(Exception):
+    """A request failed for a reason etcd defines."""
+
+
+class CompactedError(EngineError):
+    """The requested revision has been compacted."""
+
+
+class FutureRevisionError(EngineError):
+    """The requested revision is newer than the store's."""
+
+
+class LeaseNotFoundError(EngineError):
+    """A put named a lease that does not exist."""
+
+
+class KeyNotFoundError(EngineError):
+    """ignore_value or ignore_lease on a key that does not exist."""
+
+
+class UnavailableError(EngineError):
+    """The datastore failed; nothing of the request was applied."""

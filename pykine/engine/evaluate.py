@@ -1,0 +1,389 @@
+"""etcd's apply rules, evaluated in memory against a prefetched snapshot.
+
+A write batch reads every key it may touch inside its database transaction,
+then runs each request here in arrival order. Later requests see what earlier
+ones changed, each request that changes something takes the next revision, and
+the resulting WriteSet is stored atomically. Read-only txns use the same code
+against a read snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pykine.engine.errors import (
+    CompactedError,
+    EngineError,
+    FutureRevisionError,
+    KeyNotFoundError,
+    LeaseNotFoundError,
+)
+from pykine.engine.records import (
+    Change,
+    KeySpan,
+    KeyValueRow,
+    RangeQuery,
+    Snapshot,
+    SnapshotRead,
+    SortSpec,
+    WriteSet,
+)
+from pykine.engine.results import (
+    CompactResult,
+    DeleteResult,
+    OpResult,
+    PutResult,
+    RangeResult,
+    TxnResult,
+    WriteResult,
+)
+from pykine.wire import rpc_pb2
+
+Compare = rpc_pb2.Compare
+RangeRequest = rpc_pb2.RangeRequest
+
+SORT_FIELDS = {
+    RangeRequest.KEY: "key",
+    RangeRequest.VERSION: "version",
+    RangeRequest.CREATE: "create_revision",
+    RangeRequest.MOD: "mod_revision",
+    RangeRequest.VALUE: "value",
+}
+
+# Which oneof member of Compare.target_union each target reads.
+COMPARE_OPERANDS = {
+    Compare.VERSION: ("version", "version"),
+    Compare.CREATE: ("create_revision", "create_revision"),
+    Compare.MOD: ("mod_revision", "mod_revision"),
+    Compare.VALUE: ("value", "value"),
+    Compare.LEASE: ("lease", "lease"),
+}
+
+EMPTY_ROW = KeyValueRow(b"", 0, 0, 0, b"", 0)
+
+
+def sort_spec(request: Any) -> SortSpec | None:
+    """etcd sorts ascending by default when the target is not the key."""
+    order = request.sort_order
+    if request.sort_target != RangeRequest.KEY and order == RangeRequest.NONE:
+        order = RangeRequest.ASCEND
+    if order == RangeRequest.NONE:
+        return None
+    if request.sort_target == RangeRequest.KEY and order == RangeRequest.ASCEND:
+        return None  # rows already come in key order
+    return SortSpec(SORT_FIELDS[request.sort_target], order == RangeRequest.DESCEND)
+
+
+def range_query(request: Any) -> RangeQuery:
+    """Translate a RangeRequest into the backend's query with etcd's rules."""
+    has_filters = bool(
+        request.min_mod_revision
+        or request.max_mod_revision
+        or request.min_create_revision
+        or request.max_create_revision
+    )
+    limit = request.limit if request.limit > 0 else 0
+    return RangeQuery(
+        span=KeySpan.from_request(request.key, request.range_end),
+        revision=request.revision if request.revision > 0 else 0,
+        # One extra row tells whether the limit cut the result (`more`).
+        limit=limit + 1 if limit else 0,
+        keys_only=request.keys_only,
+        count_only=request.count_only,
+        need_count=bool(limit) or has_filters,
+        sort=sort_spec(request),
+        min_mod_revision=request.min_mod_revision,
+        max_mod_revision=request.max_mod_revision,
+        min_create_revision=request.min_create_revision,
+        max_create_revision=request.max_create_revision,
+    )
+
+
+def finish_range(request: Any, revision: int, rows: list[KeyValueRow], count: int) -> RangeResult:
+    """Apply the limit to rows that are already filtered and sorted."""
+    more = False
+    if request.limit > 0 and len(rows) > request.limit:
+        rows = rows[: request.limit]
+        more = True
+    return RangeResult(revision, rows, count, more)
+
+
+def shape_rows(request: Any, revision: int, rows: list[KeyValueRow]) -> RangeResult:
+    """etcd's Range post-processing over all live rows of the span, in key order."""
+    count = len(rows)
+    if request.count_only:
+        return RangeResult(revision, [], count, False)
+    if request.max_mod_revision:
+        rows = [r for r in rows if r.mod_revision <= request.max_mod_revision]
+    if request.min_mod_revision:
+        rows = [r for r in rows if r.mod_revision >= request.min_mod_revision]
+    if request.max_create_revision:
+        rows = [r for r in rows if r.create_revision <= request.max_create_revision]
+    if request.min_create_revision:
+        rows = [r for r in rows if r.create_revision >= request.min_create_revision]
+    spec = sort_spec(request)
+    if spec is not None:
+        index = KeyValueRow._fields.index(spec.field)
+        rows = sorted(rows, key=lambda row: row[index], reverse=spec.descending)
+    if request.keys_only:
+        rows = [r._replace(value=b"") for r in rows]
+    return finish_range(request, revision, rows, count)
+
+
+def compare_row(compare: Any, row: KeyValueRow) -> bool:
+    target = COMPARE_OPERANDS.get(compare.target)
+    result = 0
+    if target is not None:
+        operand_name, row_field = target
+        is_value = compare.target == Compare.VALUE
+        operand: Any = b"" if is_value else 0
+        if compare.WhichOneof("target_union") == operand_name:
+            operand = getattr(compare, operand_name)
+        actual = getattr(row, row_field)
+        result = (actual > operand) - (actual < operand)
+    if compare.result == Compare.EQUAL:
+        return result == 0
+    if compare.result == Compare.NOT_EQUAL:
+        return result != 0
+    if compare.result == Compare.GREATER:
+        return result > 0
+    if compare.result == Compare.LESS:
+        return result < 0
+    return True
+
+
+def is_write(request: Any) -> bool:
+    """Whether a txn's branches hold any put or delete (etcd's isTxnReadonly)."""
+    for op in (*request.success, *request.failure):
+        kind = op.WhichOneof("request")
+        if kind in ("request_put", "request_delete_range"):
+            return True
+        if kind == "request_txn" and is_write(op.request_txn):
+            return True
+    return False
+
+
+def snapshot_reads(request: Any, reads: set[SnapshotRead], leases: set[int]) -> bool:
+    """Collect what evaluating `request` may read; True if it reads history."""
+    if isinstance(request, rpc_pb2.PutRequest):
+        reads.add(SnapshotRead(KeySpan.from_request(request.key, b""), 0))
+        if request.lease:
+            leases.add(request.lease)
+        return False
+    if isinstance(request, rpc_pb2.DeleteRangeRequest):
+        reads.add(SnapshotRead(KeySpan.from_request(request.key, request.range_end), 0))
+        return False
+    if isinstance(request, rpc_pb2.RangeRequest):
+        span = KeySpan.from_request(request.key, request.range_end)
+        reads.add(SnapshotRead(span, 0))
+        if request.revision > 0:
+            reads.add(SnapshotRead(span, request.revision))
+            return True
+        return False
+    if isinstance(request, rpc_pb2.TxnRequest):
+        historical = False
+        for compare in request.compare:
+            reads.add(SnapshotRead(KeySpan.from_request(compare.key, compare.range_end), 0))
+        for op in (*request.success, *request.failure):
+            kind = op.WhichOneof("request")
+            if kind is not None:
+                historical |= snapshot_reads(getattr(op, kind), reads, leases)
+        return historical
+    return False
+
+
+class _Revisioning:
+    """Revision bookkeeping for one request: etcd's storeTxnWrite."""
+
+    __slots__ = ("begin", "sub")
+
+    def __init__(self, begin: int) -> None:
+        self.begin = begin
+        self.sub = 0
+
+    @property
+    def changed(self) -> bool:
+        return self.sub > 0
+
+    @property
+    def read_revision(self) -> int:
+        return self.begin + 1 if self.sub else self.begin
+
+
+class BatchState:
+    """The latest state of every key a batch may touch, updated as it applies."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.revision = snapshot.revision
+        self.compact_revision = snapshot.compact_revision
+        self.kvs: dict[bytes, KeyValueRow] = {row.key: row for row in snapshot.latest}
+        self.history = snapshot.history
+        self.leases = snapshot.leases
+        self.changes: list[Change] = []
+
+    def write_set(self) -> WriteSet:
+        return WriteSet(self.revision, self.compact_revision, self.changes)
+
+    def apply(self, request: Any) -> WriteResult | EngineError:
+        """Run one request; an etcd error leaves the state untouched."""
+        try:
+            if isinstance(request, rpc_pb2.PutRequest):
+                self._check_put(request, lease_first=True)
+                return self._commit(lambda rev: self._put(rev, request))
+            if isinstance(request, rpc_pb2.DeleteRangeRequest):
+                return self._commit(lambda rev: self._delete(rev, request))
+            if isinstance(request, rpc_pb2.TxnRequest):
+                return self._txn(request)
+            if isinstance(request, rpc_pb2.CompactionRequest):
+                return self._compact(request)
+        except EngineError as error:
+            return error
+        raise TypeError(f"not a write request: {type(request).__name__}")
+
+    # -- reads over the in-memory state -------------------------------------
+
+    def rows_in(self, span: KeySpan) -> list[KeyValueRow]:
+        if span.single_key:
+            row = self.kvs.get(span.start)
+            return [row] if row is not None else []
+        if span.empty:
+            return []
+        return sorted((row for key, row in self.kvs.items() if span.contains(key)), key=_row_key)
+
+    def _range(self, rev: _Revisioning, request: Any, pinned: RangeResult | None) -> RangeResult:
+        if pinned is not None:
+            pinned.revision = rev.read_revision
+            return pinned
+        span = KeySpan.from_request(request.key, request.range_end)
+        return shape_rows(request, rev.read_revision, self.rows_in(span))
+
+    def _pin_range(self, request: Any) -> RangeResult | None:
+        """Check a range at a fixed revision and read it before any op applies."""
+        if request.revision <= 0:
+            return None
+        if request.revision > self.revision:
+            raise FutureRevisionError()
+        if request.revision < self.compact_revision:
+            raise CompactedError()
+        span = KeySpan.from_request(request.key, request.range_end)
+        if request.revision == self.revision:
+            rows = self.rows_in(span)
+        else:
+            rows = self.history[SnapshotRead(span, request.revision)]
+        return shape_rows(request, 0, rows)
+
+    def _compare(self, compare: Any) -> bool:
+        rows = self.rows_in(KeySpan.from_request(compare.key, compare.range_end))
+        if not rows:
+            # A value compare on a missing key always fails, even NOT_EQUAL.
+            return compare.target != Compare.VALUE and compare_row(compare, EMPTY_ROW)
+        return all(compare_row(compare, row) for row in rows)
+
+    # -- writes --------------------------------------------------------------
+
+    def _commit(self, run: Any) -> Any:
+        rev = _Revisioning(self.revision)
+        result = run(rev)
+        if rev.changed:
+            self.revision = rev.begin + 1
+        return result
+
+    def _check_put(self, request: Any, lease_first: bool) -> None:
+        missing_key = (request.ignore_value or request.ignore_lease) and request.key not in self.kvs
+        missing_lease = request.lease != 0 and request.lease not in self.leases
+        if lease_first and missing_lease:
+            raise LeaseNotFoundError()
+        if missing_key:
+            raise KeyNotFoundError()
+        if missing_lease:
+            raise LeaseNotFoundError()
+
+    def _put(self, rev: _Revisioning, request: Any) -> PutResult:
+        prev = self.kvs.get(request.key)
+        revision = rev.begin + 1
+        row = KeyValueRow(
+            request.key,
+            prev.create_revision if prev else revision,
+            revision,
+            prev.version + 1 if prev else 1,
+            prev.value if request.ignore_value and prev else request.value,
+            prev.lease if request.ignore_lease and prev else request.lease,
+        )
+        self.kvs[request.key] = row
+        self.changes.append(Change(row, rev.sub, False, prev))
+        rev.sub += 1
+        return PutResult(revision, prev if request.prev_kv else None)
+
+    def _delete(self, rev: _Revisioning, request: Any) -> DeleteResult:
+        rows = self.rows_in(KeySpan.from_request(request.key, request.range_end))
+        revision = rev.begin + 1
+        for row in rows:
+            del self.kvs[row.key]
+            tombstone = KeyValueRow(row.key, 0, revision, 0, b"", 0)
+            self.changes.append(Change(tombstone, rev.sub, True, row))
+            rev.sub += 1
+        return DeleteResult(rev.read_revision, len(rows), rows if request.prev_kv else [])
+
+    def _txn(self, request: Any) -> TxnResult:
+        path = self._compare_path(request)
+        write = is_write(request)
+        ops = list(_ops_on_path(request, iter(path)))
+        if write:
+            for op in ops:
+                if op.WhichOneof("request") == "request_put":
+                    self._check_put(op.request_put, lease_first=False)
+        pins = iter([self._pin_range(op.request_range) for op in ops if op.WhichOneof("request") == "request_range"])
+        result = self._commit(lambda rev: self._apply_ops(rev, request, iter(path), pins))
+        result.revision = self.revision
+        return result
+
+    def _compare_path(self, request: Any) -> list[bool]:
+        """Every compare on the chosen path, judged against the pre-txn state."""
+        succeeded = all(self._compare(compare) for compare in request.compare)
+        path = [succeeded]
+        for op in request.success if succeeded else request.failure:
+            if op.WhichOneof("request") == "request_txn":
+                path.extend(self._compare_path(op.request_txn))
+        return path
+
+    def _apply_ops(
+        self,
+        rev: _Revisioning,
+        request: Any,
+        path: Iterator[bool],
+        pins: Iterator[RangeResult | None],
+    ) -> TxnResult:
+        succeeded = next(path)
+        responses: list[OpResult] = []
+        for op in request.success if succeeded else request.failure:
+            kind = op.WhichOneof("request")
+            if kind == "request_range":
+                responses.append(self._range(rev, op.request_range, next(pins)))
+            elif kind == "request_put":
+                responses.append(self._put(rev, op.request_put))
+            elif kind == "request_delete_range":
+                responses.append(self._delete(rev, op.request_delete_range))
+            elif kind == "request_txn":
+                responses.append(self._apply_ops(rev, op.request_txn, path, pins))
+        return TxnResult(None, succeeded, responses)
+
+    def _compact(self, request: Any) -> CompactResult:
+        if request.revision <= self.compact_revision:
+            raise CompactedError()
+        if request.revision > self.revision:
+            raise FutureRevisionError()
+        self.compact_revision = request.revision
+        return CompactResult(self.revision)
+
+
+def _ops_on_path(request: Any, path: Iterator[bool]) -> Iterable[Any]:
+    """The ops a txn will run, nested txns included, in execution order."""
+    for op in request.success if next(path) else request.failure:
+        yield op
+        if op.WhichOneof("request") == "request_txn":
+            yield from _ops_on_path(op.request_txn, path)
+
+
+def _row_key(row: KeyValueRow) -> bytes:
+    return row.key

@@ -1,0 +1,132 @@
+"""Plain records shared by the engine and the backends.
+
+Rows travel as NamedTuples so backends can build them straight from database
+tuples and services can encode them without intermediate copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class KeyValueRow(NamedTuple):
+    """One key as etcd reports it (column order matches the SQL selects)."""
+
+    key: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    value: bytes
+    lease: int
+
+
+class KeySpan(NamedTuple):
+    """A half-open key interval [start, end); end None means no upper bound."""
+
+    start: bytes
+    end: bytes | None
+
+    @classmethod
+    def from_request(cls, key: bytes, range_end: bytes) -> KeySpan:
+        """Apply etcd's range_end rules: empty is one key, "\\0" is open-ended."""
+        if not range_end:
+            return cls(key, key + b"\x00")
+        if range_end == b"\x00":
+            return cls(key, None)
+        return cls(key, range_end)
+
+    @property
+    def single_key(self) -> bool:
+        return self.end is not None and self.end == self.start + b"\x00"
+
+    @property
+    def empty(self) -> bool:
+        return self.end is not None and self.end <= self.start
+
+    def contains(self, key: bytes) -> bool:
+        return key >= self.start and (self.end is None or key < self.end)
+
+
+class Change(NamedTuple):
+    """One key changed by a committed revision (a history row)."""
+
+    kv: KeyValueRow
+    sub: int
+    deleted: bool
+    prev: KeyValueRow | None
+
+
+@dataclass(slots=True)
+class SortSpec:
+    """ORDER BY a KeyValueRow field; ties always fall back to key order."""
+
+    field: str
+    descending: bool
+
+
+@dataclass(slots=True)
+class RangeQuery:
+    """A read the backend answers in one consistent snapshot.
+
+    `limit` counts rows to return (0: all). Filters are inclusive bounds
+    (0: none). `need_count` asks for the exact number of live keys in the
+    span at the revision, before filters and limit.
+    """
+
+    span: KeySpan
+    revision: int = 0
+    limit: int = 0
+    keys_only: bool = False
+    count_only: bool = False
+    need_count: bool = False
+    sort: SortSpec | None = None
+    min_mod_revision: int = 0
+    max_mod_revision: int = 0
+    min_create_revision: int = 0
+    max_create_revision: int = 0
+
+
+@dataclass(slots=True)
+class RangeRows:
+    """A backend's answer to a RangeQuery.
+
+    When the query's revision lies outside [compact_revision, revision] the
+    backend returns no rows; the engine turns that into the etcd error.
+    """
+
+    revision: int
+    compact_revision: int
+    rows: list[KeyValueRow]
+    count: int
+
+
+class SnapshotRead(NamedTuple):
+    """A span a write batch (or read-only txn) needs, at a revision (0 = latest)."""
+
+    span: KeySpan
+    revision: int
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The state a batch is evaluated against, read inside its transaction."""
+
+    revision: int
+    compact_revision: int
+    latest: list[KeyValueRow]
+    history: dict[SnapshotRead, list[KeyValueRow]] = field(default_factory=dict)
+    leases: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class WriteSet:
+    """What a batch changes: the backend stores it atomically or not at all."""
+
+    revision: int
+    compact_revision: int
+    changes: list[Change]
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes

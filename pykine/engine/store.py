@@ -1,0 +1,243 @@
+"""The engine: reads, the group-commit writer, and compaction.
+
+Writes queue up while the previous batch commits; the writer then takes
+everything waiting (up to a bound) and commits it in one database
+transaction. Each request still gets its own revision and its own outcome,
+and nobody is answered before the commit returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from pykine.backends.base import Backend, StorageStatus
+from pykine.engine.errors import (
+    CompactedError,
+    EngineError,
+    FutureRevisionError,
+    UnavailableError,
+)
+from pykine.engine.evaluate import (
+    BatchState,
+    finish_range,
+    is_write,
+    range_query,
+    snapshot_reads,
+)
+from pykine.engine.records import Snapshot, SnapshotRead, WriteSet
+from pykine.engine.results import (
+    CompactResult,
+    DeleteResult,
+    PutResult,
+    RangeResult,
+    TxnResult,
+    WriteResult,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: Any
+    future: asyncio.Future[Any]
+    reads: set[SnapshotRead]
+    leases: set[int]
+    # Reads history at a fixed revision: must be first in its batch so the
+    # prefetched history matches the state the request sees.
+    historical: bool
+
+
+class Engine:
+    def __init__(self, backend: Backend, *, max_batch: int = 256, compact_batch_size: int = 1000) -> None:
+        self.backend = backend
+        self._max_batch = max_batch
+        self._compact_batch_size = compact_batch_size
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._compact_wake = asyncio.Event()
+        self._compact_target = 0
+        self._compacted_through = 0
+        self._compaction_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.backend.start()
+        target, done = await self.backend.compaction_progress()
+        self._compact_target, self._compacted_through = target, done
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="pykine-writer"),
+            asyncio.create_task(self._compact_loop(), name="pykine-compactor"),
+        ]
+        if target > done:
+            self._compact_wake.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(UnavailableError("server is shutting down"))
+        await self.backend.close()
+
+    # -- reads --------------------------------------------------------------------
+
+    async def range(self, request: Any) -> RangeResult:
+        query = range_query(request)
+        try:
+            rows = await self.backend.read_range(query)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        if query.revision > rows.revision:
+            raise FutureRevisionError()
+        if 0 < query.revision < rows.compact_revision:
+            raise CompactedError()
+        return finish_range(request, rows.revision, rows.rows, rows.count)
+
+    async def txn(self, request: Any) -> TxnResult:
+        if is_write(request):
+            result: TxnResult = await self._submit(request)
+            return result
+        reads: set[SnapshotRead] = set()
+        snapshot_reads(request, reads, set())
+        try:
+            snapshot = await self.backend.read_snapshot(reads)
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        outcome = BatchState(snapshot).apply(request)
+        if isinstance(outcome, EngineError):
+            raise outcome
+        assert isinstance(outcome, TxnResult)
+        return outcome
+
+    # -- writes -------------------------------------------------------------------
+
+    async def put(self, request: Any) -> PutResult:
+        result: PutResult = await self._submit(request)
+        return result
+
+    async def delete_range(self, request: Any) -> DeleteResult:
+        result: DeleteResult = await self._submit(request)
+        return result
+
+    async def compact(self, request: Any) -> CompactResult:
+        result: CompactResult = await self._submit(request)
+        if request.physical:
+            await self._compacted(request.revision)
+        return result
+
+    def _submit(self, request: Any) -> asyncio.Future[Any]:
+        reads: set[SnapshotRead] = set()
+        leases: set[int] = set()
+        historical = snapshot_reads(request, reads, leases)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(request, future, reads, leases, historical))
+        self._wake.set()
+        return future
+
+    def _take_batch(self) -> list[_Pending]:
+        batch = [self._pending.popleft()]
+        while self._pending and len(batch) < self._max_batch and not self._pending[0].historical:
+            batch.append(self._pending.popleft())
+        return batch
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                await self._commit(self._take_batch())
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        reads: set[SnapshotRead] = set()
+        leases: set[int] = set()
+        for item in batch:
+            reads |= item.reads
+            leases |= item.leases
+
+        def plan(snapshot: Snapshot) -> tuple[WriteSet, list[WriteResult | EngineError]]:
+            state = BatchState(snapshot)
+            outcomes = [state.apply(item.request) for item in batch]
+            return state.write_set(), outcomes
+
+        try:
+            write_set, outcomes = await self.backend.commit(reads, leases, plan)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("write batch of %d requests failed: %s", len(batch), exc)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(UnavailableError(str(exc)))
+            return
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(outcome, EngineError):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+        if write_set.compact_revision > self._compact_target:
+            self._compact_target = write_set.compact_revision
+            self._compact_wake.set()
+
+    # -- compaction -----------------------------------------------------------------
+
+    async def _compact_loop(self) -> None:
+        """Delete obsolete history in short steps that interleave with writes."""
+        while True:
+            await self._compact_wake.wait()
+            self._compact_wake.clear()
+            while self._compacted_through < self._compact_target:
+                try:
+                    self._compacted_through = await self.backend.compact_step(
+                        self._compact_target, self._compact_batch_size
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.error("compaction step failed, retrying: %s", exc)
+                    await asyncio.sleep(1)
+                    continue
+                self._wake_compaction_waiters()
+                await asyncio.sleep(0)
+
+    def _wake_compaction_waiters(self) -> None:
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for revision, future in self._compaction_waiters:
+            if self._compacted_through >= revision:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still.append((revision, future))
+        self._compaction_waiters = still
+
+    async def _compacted(self, revision: int) -> None:
+        if self._compacted_through >= revision:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._compaction_waiters.append((revision, future))
+        await future
+
+    # -- maintenance ----------------------------------------------------------------
+
+    async def revision(self) -> int:
+        """The current revision, as the datastore has it now."""
+        try:
+            revision, _ = await self.backend.revisions()
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        return revision
+
+    async def status(self) -> StorageStatus:
+        return await self.backend.status()
+
+    async def defragment(self) -> None:
+        await self.backend.defragment()

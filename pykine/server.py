@@ -1,0 +1,112 @@
+"""Assemble backend, engine and gRPC services, and serve until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+import socket
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pykine import __version__
+from pykine.backends import open_backend
+from pykine.backends.base import BackendError
+from pykine.cli import Settings, fail
+from pykine.engine.store import Engine
+from pykine.logs import setup_logging
+from pykine.services.encode import Identity
+from pykine.services.kv import KVService
+from pykine.services.maintenance import ClusterService, MaintenanceService
+from pykine.services.validate import MAX_RECEIVE_BYTES
+from pykine.wire import rpc_pb2_grpc
+
+log = logging.getLogger("pykine")
+
+
+def grpc_address(listen_address: str) -> str:
+    """kine's listen forms (host:port, tcp://, unix://) in gRPC's spelling."""
+    for prefix in ("tcp://", "http://"):
+        if listen_address.startswith(prefix):
+            return listen_address[len(prefix) :]
+    if listen_address.startswith("unix://"):
+        return "unix:" + listen_address[len("unix://") :]
+    return listen_address
+
+
+def client_url(listen_address: str) -> str:
+    address = grpc_address(listen_address)
+    if address.startswith("unix:"):
+        return "unix://" + address[len("unix:") :]
+    return "http://" + address
+
+
+def member_id(cluster_id: int, url: str) -> int:
+    """Stable for a datastore and address, so restarts keep the same member."""
+    digest = hashlib.blake2b(f"{cluster_id}/{url}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1 or 1
+
+
+async def serve(settings: Settings) -> None:
+    backend = open_backend(settings.endpoint)
+    engine = Engine(backend, compact_batch_size=settings.compact_batch_size)
+    await engine.start()
+    url = client_url(settings.listen_address)
+    identity = Identity(cluster_id=await backend.cluster_id(), member_id=member_id(await backend.cluster_id(), url))
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ]
+    )
+    rpc_pb2_grpc.add_KVServicer_to_server(KVService(engine, identity), server)
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(
+        MaintenanceService(engine, identity, settings.emulated_etcd_version), server
+    )
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(engine, identity, socket.gethostname(), [url]), server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    try:
+        server.add_insecure_port(grpc_address(settings.listen_address))
+    except RuntimeError as exc:
+        await engine.close()
+        raise BackendError(f"cannot listen on {settings.listen_address}: {exc}") from exc
+    await server.start()
+    log.info(
+        "pykine %s serving etcd %s API on %s, datastore %s",
+        __version__,
+        settings.emulated_etcd_version,
+        url,
+        backend.name,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(grace=2)
+    await engine.close()
+
+
+def run(settings: Settings) -> None:
+    setup_logging(settings.log_format, settings.debug)
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional: plain asyncio works the same, a little slower
+        uvloop = None
+    try:
+        if uvloop is not None:
+            uvloop.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
+    except BackendError as exc:
+        fail(str(exc))

@@ -1,0 +1,1 @@
+"""The gRPC services: validate a request, call the engine, encode the answer."""

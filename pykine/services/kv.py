@@ -1,0 +1,55 @@
+"""etcdserverpb.KV."""
+
+from __future__ import annotations
+
+import grpc
+
+from pykine.engine.store import Engine
+from pykine.services import encode, validate
+from pykine.services.encode import Identity
+from pykine.services.errors import etcd_errors
+from pykine.wire import rpc_pb2, rpc_pb2_grpc
+
+
+class KVService(rpc_pb2_grpc.KVServicer):
+    def __init__(self, engine: Engine, identity: Identity) -> None:
+        self.engine = engine
+        self.identity = identity
+
+    @etcd_errors
+    async def Range(self, request: rpc_pb2.RangeRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.RangeResponse:
+        validate.check_range(request)
+        result = await self.engine.range(request)
+        return encode.range_response(result, self.identity.header(result.revision))
+
+    @etcd_errors
+    async def Put(self, request: rpc_pb2.PutRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
+        validate.check_put(request)
+        validate.check_size(request)
+        result = await self.engine.put(request)
+        return encode.put_response(result, self.identity.header(result.revision))
+
+    @etcd_errors
+    async def DeleteRange(
+        self, request: rpc_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
+    ) -> rpc_pb2.DeleteRangeResponse:
+        validate.check_delete(request)
+        validate.check_size(request)
+        result = await self.engine.delete_range(request)
+        return encode.delete_response(result, self.identity.header(result.revision))
+
+    @etcd_errors
+    async def Txn(self, request: rpc_pb2.TxnRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
+        validate.check_txn(request)
+        validate.check_size(request)
+        result = await self.engine.txn(request)
+        assert result.revision is not None
+        return encode.txn_response(result, self.identity.header(result.revision))
+
+    @etcd_errors
+    async def Compact(
+        self, request: rpc_pb2.CompactionRequest, context: grpc.aio.ServicerContext
+    ) -> rpc_pb2.CompactionResponse:
+        validate.check_size(request)
+        result = await self.engine.compact(request)
+        return rpc_pb2.CompactionResponse(header=self.identity.header(result.revision))

@@ -1,0 +1,59 @@
+"""etcdserverpb.Maintenance and etcdserverpb.Cluster: one member, no alarms."""
+
+from __future__ import annotations
+
+import grpc
+
+from pykine.engine.store import Engine
+from pykine.services.encode import Identity
+from pykine.services.errors import etcd_errors
+from pykine.wire import rpc_pb2, rpc_pb2_grpc
+
+
+class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
+    def __init__(self, engine: Engine, identity: Identity, version: str) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.version = version
+
+    @etcd_errors
+    async def Status(self, request: rpc_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.StatusResponse:
+        revision = await self.engine.revision()
+        sizes = await self.engine.status()
+        return rpc_pb2.StatusResponse(
+            header=self.identity.header(revision),
+            version=self.version,
+            dbSize=sizes.db_size,
+            dbSizeInUse=sizes.db_size_in_use,
+            leader=self.identity.member_id,
+            raftIndex=revision,
+            raftTerm=self.identity.raft_term,
+            raftAppliedIndex=revision,
+        )
+
+    @etcd_errors
+    async def Alarm(self, request: rpc_pb2.AlarmRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.AlarmResponse:
+        """pykine raises no alarms (no space quota, no corruption check), so the list is empty."""
+        return rpc_pb2.AlarmResponse(header=self.identity.header(await self.engine.revision()))
+
+    @etcd_errors
+    async def Defragment(
+        self, request: rpc_pb2.DefragmentRequest, context: grpc.aio.ServicerContext
+    ) -> rpc_pb2.DefragmentResponse:
+        await self.engine.defragment()
+        return rpc_pb2.DefragmentResponse(header=self.identity.header(await self.engine.revision()))
+
+
+class ClusterService(rpc_pb2_grpc.ClusterServicer):
+    def __init__(self, engine: Engine, identity: Identity, name: str, client_urls: list[str]) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.member = rpc_pb2.Member(ID=identity.member_id, name=name, clientURLs=client_urls)
+
+    @etcd_errors
+    async def MemberList(
+        self, request: rpc_pb2.MemberListRequest, context: grpc.aio.ServicerContext
+    ) -> rpc_pb2.MemberListResponse:
+        return rpc_pb2.MemberListResponse(
+            header=self.identity.header(await self.engine.revision()), members=[self.member]
+        )
