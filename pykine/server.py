@@ -68,7 +68,7 @@ async def serve(settings: Settings) -> None:
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(
         MaintenanceService(engine, identity, settings.emulated_etcd_version), server
     )
-    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(engine, identity, socket.gethostname(), [url]), server)
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(identity, socket.gethostname(), [url]), server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -75,14 +75,18 @@ def sort_spec(request: Any) -> SortSpec | None:
     return SortSpec(SORT_FIELDS[request.sort_target], order == RangeRequest.DESCEND)
 
 
-def range_query(request: Any) -> RangeQuery:
-    """Translate a RangeRequest into the backend's query with etcd's rules."""
-    has_filters = bool(
+def has_filters(request: Any) -> bool:
+    return bool(
         request.min_mod_revision
         or request.max_mod_revision
         or request.min_create_revision
         or request.max_create_revision
     )
+
+
+def range_query(request: Any) -> RangeQuery:
+    """Translate a RangeRequest into the backend's query with etcd's rules."""
+    filtered = has_filters(request)
     limit = request.limit if request.limit > 0 else 0
     return RangeQuery(
         span=KeySpan.from_request(request.key, request.range_end),
@@ -91,8 +95,9 @@ def range_query(request: Any) -> RangeQuery:
         limit=limit + 1 if limit else 0,
         keys_only=request.keys_only,
         count_only=request.count_only,
-        need_count=bool(limit) or has_filters,
-        sort=sort_spec(request),
+        need_count=bool(limit) or filtered,
+        # With no order and no filters, etcd limits in key order first and sorts after.
+        sort=sort_spec(request) if request.sort_order != RangeRequest.NONE or filtered else None,
         min_mod_revision=request.min_mod_revision,
         max_mod_revision=request.max_mod_revision,
         min_create_revision=request.min_create_revision,
@@ -101,7 +106,10 @@ def range_query(request: Any) -> RangeQuery:
 
 
 def finish_range(request: Any, revision: int, rows: list[KeyValueRow], count: int) -> RangeResult:
-    """Apply the limit to rows that are already filtered and sorted."""
+    """Apply the limit to rows the backend filtered (and sorted, if an order was given)."""
+    if request.sort_order == RangeRequest.NONE and request.sort_target != RangeRequest.KEY:
+        index = KeyValueRow._fields.index(SORT_FIELDS[request.sort_target])
+        rows = sorted(rows, key=lambda row: row[index])
     more = False
     if request.limit > 0 and len(rows) > request.limit:
         rows = rows[: request.limit]
@@ -114,6 +122,8 @@ def shape_rows(request: Any, revision: int, rows: list[KeyValueRow]) -> RangeRes
     count = len(rows)
     if request.count_only:
         return RangeResult(revision, [], count, False)
+    if request.sort_order == RangeRequest.NONE and not has_filters(request) and request.limit > 0:
+        rows = rows[: request.limit + 1]  # etcd reads only what the limit needs
     if request.max_mod_revision:
         rows = [r for r in rows if r.mod_revision <= request.max_mod_revision]
     if request.min_mod_revision:
@@ -122,7 +132,7 @@ def shape_rows(request: Any, revision: int, rows: list[KeyValueRow]) -> RangeRes
         rows = [r for r in rows if r.create_revision <= request.max_create_revision]
     if request.min_create_revision:
         rows = [r for r in rows if r.create_revision >= request.min_create_revision]
-    spec = sort_spec(request)
+    spec = sort_spec(request) if request.sort_order != RangeRequest.NONE else None
     if spec is not None:
         index = KeyValueRow._fields.index(spec.field)
         rows = sorted(rows, key=lambda row: row[index], reverse=spec.descending)

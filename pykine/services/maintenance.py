@@ -33,20 +33,23 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
 
     @etcd_errors
     async def Alarm(self, request: rpc_pb2.AlarmRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.AlarmResponse:
-        """pykine raises no alarms (no space quota, no corruption check), so the list is empty."""
-        return rpc_pb2.AlarmResponse(header=self.identity.header(await self.engine.revision()))
+        """pykine raises no alarms (no space quota, no corruption check), so the list is empty.
+
+        etcd 3.4 sends this response without a header; so does pykine.
+        """
+        return rpc_pb2.AlarmResponse()
 
     @etcd_errors
     async def Defragment(
         self, request: rpc_pb2.DefragmentRequest, context: grpc.aio.ServicerContext
     ) -> rpc_pb2.DefragmentResponse:
+        """VACUUM the SQLite file; like etcd 3.4, the answer carries no header."""
         await self.engine.defragment()
-        return rpc_pb2.DefragmentResponse(header=self.identity.header(await self.engine.revision()))
+        return rpc_pb2.DefragmentResponse()
 
 
 class ClusterService(rpc_pb2_grpc.ClusterServicer):
-    def __init__(self, engine: Engine, identity: Identity, name: str, client_urls: list[str]) -> None:
-        self.engine = engine
+    def __init__(self, identity: Identity, name: str, client_urls: list[str]) -> None:
         self.identity = identity
         self.member = rpc_pb2.Member(ID=identity.member_id, name=name, clientURLs=client_urls)
 
@@ -54,6 +57,5 @@ class ClusterService(rpc_pb2_grpc.ClusterServicer):
     async def MemberList(
         self, request: rpc_pb2.MemberListRequest, context: grpc.aio.ServicerContext
     ) -> rpc_pb2.MemberListResponse:
-        return rpc_pb2.MemberListResponse(
-            header=self.identity.header(await self.engine.revision()), members=[self.member]
-        )
+        """Cluster headers in etcd 3.4 carry ids and term but no revision."""
+        return rpc_pb2.MemberListResponse(header=self.identity.header(0), members=[self.member])
