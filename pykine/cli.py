@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import NoReturn
@@ -106,6 +107,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
     if args.log_format not in ("plain", "json"):
         fail(f"--log-format must be plain or json, got {args.log_format!r}")
+    if not re.fullmatch(r"\d+\.\d+\.\d+", args.emulated_etcd_version):
+        fail(f"--emulated-etcd-version must look like 3.5.13, got {args.emulated_etcd_version!r}")
     return Settings(
         listen_address=args.listen_address,
         endpoint=args.endpoint,

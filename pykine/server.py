@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import signal
 import socket
 
@@ -18,10 +19,10 @@ from pykine.cli import Settings, fail
 from pykine.engine.store import Engine
 from pykine.logs import setup_logging
 from pykine.services.encode import Identity
+from pykine.services.handlers import service_handler
 from pykine.services.kv import KVService
 from pykine.services.maintenance import ClusterService, MaintenanceService
 from pykine.services.validate import MAX_RECEIVE_BYTES
-from pykine.wire import rpc_pb2_grpc
 
 log = logging.getLogger("pykine")
 
@@ -36,11 +37,37 @@ def grpc_address(listen_address: str) -> str:
     return listen_address
 
 
-def client_url(listen_address: str) -> str:
-    address = grpc_address(listen_address)
+def client_url(address: str, port: int) -> str:
+    """The URL clients reach us at, with the port gRPC actually bound."""
     if address.startswith("unix:"):
         return "unix://" + address[len("unix:") :]
-    return "http://" + address
+    host = address.rsplit(":", 1)[0]
+    return f"http://{host}:{port}"
+
+
+def check_listen_address(listen_address: str) -> None:
+    """Fail with one clear line before gRPC logs its own complaint."""
+    address = grpc_address(listen_address)
+    if address.startswith("unix:"):
+        path = address[len("unix:") :].removeprefix("//")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise BackendError(f"cannot listen on {listen_address}: directory {directory} does not exist")
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BackendError(f"cannot listen on {listen_address!r}: expected host:port or unix://path")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (OSError, OverflowError) as exc:
+        raise BackendError(f"cannot listen on {listen_address}: {exc}") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise BackendError(f"cannot listen on {listen_address}: {exc.strerror}") from exc
 
 
 def member_id(cluster_id: int, url: str) -> int:
@@ -50,11 +77,11 @@ def member_id(cluster_id: int, url: str) -> int:
 
 
 async def serve(settings: Settings) -> None:
+    check_listen_address(settings.listen_address)
+    address = grpc_address(settings.listen_address)
     backend = open_backend(settings.endpoint)
     engine = Engine(backend, compact_batch_size=settings.compact_batch_size)
     await engine.start()
-    url = client_url(settings.listen_address)
-    identity = Identity(cluster_id=await backend.cluster_id(), member_id=member_id(await backend.cluster_id(), url))
 
     server = grpc.aio.server(
         options=[
@@ -62,22 +89,28 @@ async def serve(settings: Settings) -> None:
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            # Two servers on one port would split clients between datastores.
+            ("grpc.so_reuseport", 0),
         ]
     )
-    rpc_pb2_grpc.add_KVServicer_to_server(KVService(engine, identity), server)
-    rpc_pb2_grpc.add_MaintenanceServicer_to_server(
-        MaintenanceService(engine, identity, settings.emulated_etcd_version), server
-    )
-    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(identity, socket.gethostname(), [url]), server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-
     try:
-        server.add_insecure_port(grpc_address(settings.listen_address))
+        port = server.add_insecure_port(address)
     except RuntimeError as exc:
         await engine.close()
         raise BackendError(f"cannot listen on {settings.listen_address}: {exc}") from exc
+    url = client_url(address, port)
+    cluster_id = await backend.cluster_id()
+    identity = Identity(cluster_id=cluster_id, member_id=member_id(cluster_id, url))
+    server.add_generic_rpc_handlers(
+        (
+            service_handler("KV", KVService(engine, identity)),
+            service_handler("Maintenance", MaintenanceService(engine, identity, settings.emulated_etcd_version)),
+            service_handler("Cluster", ClusterService(identity, socket.gethostname(), [url])),
+        )
+    )
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
     log.info(
         "pykine %s serving etcd %s API on %s, datastore %s",

@@ -269,15 +269,21 @@ class BatchState:
         return shape_rows(request, rev.read_revision, self.rows_in(span))
 
     def _pin_range(self, request: Any) -> RangeResult | None:
-        """Check a range at a fixed revision and read it before any op applies."""
-        if request.revision <= 0:
+        """Check a range at a fixed revision and read it before any op applies.
+
+        As in etcd's txn checks, a negative revision below the compact revision
+        is ErrCompacted; any other negative one reads the current state.
+        """
+        if request.revision == 0:
             return None
         if request.revision > self.revision:
             raise FutureRevisionError()
         if request.revision < self.compact_revision:
             raise CompactedError()
+        if request.revision < 0:
+            return None
         span = KeySpan.from_request(request.key, request.range_end)
-        if request.revision == self.revision:
+        if request.revision == self.revision or span.empty:
             rows = self.rows_in(span)
         else:
             rows = self.history[SnapshotRead(span, request.revision)]

@@ -20,6 +20,7 @@ from pykine.engine.errors import (
     LeaseNotFoundError,
     UnavailableError,
 )
+from pykine.services.handlers import MalformedRequest
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ def etcd_errors(method: Handler) -> Handler:
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            await context.abort(Code.INTERNAL, f"grpc: error unmarshalling request: {request.reason}")
         try:
             return await method(self, request, context)
         except EtcdError as error:

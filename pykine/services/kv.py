@@ -8,10 +8,10 @@ from pykine.engine.store import Engine
 from pykine.services import encode, validate
 from pykine.services.encode import Identity
 from pykine.services.errors import etcd_errors
-from pykine.wire import rpc_pb2, rpc_pb2_grpc
+from pykine.wire import rpc_pb2
 
 
-class KVService(rpc_pb2_grpc.KVServicer):
+class KVService:
     def __init__(self, engine: Engine, identity: Identity) -> None:
         self.engine = engine
         self.identity = identity

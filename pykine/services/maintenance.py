@@ -7,10 +7,10 @@ import grpc
 from pykine.engine.store import Engine
 from pykine.services.encode import Identity
 from pykine.services.errors import etcd_errors
-from pykine.wire import rpc_pb2, rpc_pb2_grpc
+from pykine.wire import rpc_pb2
 
 
-class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
+class MaintenanceService:
     def __init__(self, engine: Engine, identity: Identity, version: str) -> None:
         self.engine = engine
         self.identity = identity
@@ -48,7 +48,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         return rpc_pb2.DefragmentResponse()
 
 
-class ClusterService(rpc_pb2_grpc.ClusterServicer):
+class ClusterService:
     def __init__(self, identity: Identity, name: str, client_urls: list[str]) -> None:
         self.identity = identity
         self.member = rpc_pb2.Member(ID=identity.member_id, name=name, clientURLs=client_urls)
