@@ -16,7 +16,14 @@ from typing import NoReturn
 from pykine import __version__
 
 # Flags kine also has, so KINE_<FLAG> is honoured for them.
-KINE_FLAGS = {"listen-address", "endpoint", "debug", "emulated-etcd-version", "compact-batch-size"}
+KINE_FLAGS = {
+    "listen-address",
+    "endpoint",
+    "debug",
+    "emulated-etcd-version",
+    "compact-batch-size",
+    "metrics-bind-address",
+}
 
 
 @dataclass(slots=True)
@@ -27,6 +34,7 @@ class Settings:
     debug: bool
     emulated_etcd_version: str
     compact_batch_size: int
+    metrics_bind_address: str
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("compact-batch-size") or "1000",
         help="revisions compacted per transaction (default 1000)",
     )
+    parser.add_argument(
+        "--metrics-bind-address",
+        default=_env("metrics-bind-address") or "",
+        help="host:port to serve Prometheus /metrics on (default: off)",
+    )
     parser.add_argument("--version", action="version", version=f"pykine {__version__}")
     return parser
 
@@ -107,6 +120,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
     if args.log_format not in ("plain", "json"):
         fail(f"--log-format must be plain or json, got {args.log_format!r}")
+    if args.metrics_bind_address and not re.fullmatch(r".*:\d+", args.metrics_bind_address):
+        fail(f"--metrics-bind-address must be host:port, got {args.metrics_bind_address!r}")
     if not re.fullmatch(r"\d+\.\d+\.\d+", args.emulated_etcd_version):
         fail(f"--emulated-etcd-version must look like 3.5.13, got {args.emulated_etcd_version!r}")
     return Settings(
@@ -116,6 +131,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         debug=args.debug,
         emulated_etcd_version=args.emulated_etcd_version,
         compact_batch_size=args.compact_batch_size,
+        metrics_bind_address=args.metrics_bind_address,
     )
 
 

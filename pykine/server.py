@@ -18,6 +18,7 @@ from pykine.backends.base import BackendError
 from pykine.cli import Settings, fail
 from pykine.engine.store import Engine
 from pykine.logs import setup_logging
+from pykine.metrics import serve_metrics
 from pykine.services.encode import Identity
 from pykine.services.handlers import service_handler
 from pykine.services.kv import KVService
@@ -79,6 +80,11 @@ def member_id(cluster_id: int, url: str) -> int:
 async def serve(settings: Settings) -> None:
     check_listen_address(settings.listen_address)
     address = grpc_address(settings.listen_address)
+    if settings.metrics_bind_address:
+        try:
+            serve_metrics(settings.metrics_bind_address)
+        except OSError as exc:
+            raise BackendError(f"cannot serve metrics on {settings.metrics_bind_address}: {exc.strerror}") from exc
     backend = open_backend(settings.endpoint)
     engine = Engine(backend, compact_batch_size=settings.compact_batch_size)
     await engine.start()

@@ -8,6 +8,7 @@ historical, compacted and future revisions all come up.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,7 +175,7 @@ def _build_txn(options: dict[str, Any], current: int) -> pb.TxnRequest:
 
 
 @settings(
-    max_examples=80,
+    max_examples=int(os.environ.get("PYKINE_PROPERTY_EXAMPLES", "80")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from pykine import metrics
 from pykine.backends.base import Backend, StorageStatus
 from pykine.engine.errors import (
     CompactedError,
@@ -167,16 +169,20 @@ class Engine:
             outcomes = [state.apply(item.request) for item in batch]
             return state.write_set(), outcomes
 
+        started = time.perf_counter()
         try:
             write_set, outcomes = await self.backend.commit(reads, leases, plan)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            metrics.WRITE_BATCH_FAILURES.inc()
             log.error("write batch of %d requests failed: %s", len(batch), exc)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(UnavailableError(str(exc)))
             return
+        metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.WRITE_BATCH_REQUESTS.observe(len(batch))
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.future.done():
                 continue

@@ -1,0 +1,110 @@
+"""The wire contract: pykine's own .proto declarations against an independent client's.
+
+aetcd ships Python code generated from etcd's declarations. Every message,
+field number and type, enum value and method path pykine declares must be
+identical to it. Descriptors are compared as FileDescriptorProtos, so pykine's
+generated modules are never loaded into this process's protobuf pool.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import aetcd.rpc.kv_pb2
+import aetcd.rpc.rpc_pb2
+from google.protobuf import descriptor_pb2
+from harness import ROOT
+
+PROTOS = ["pykine/wire/kv.proto", "pykine/wire/rpc.proto"]
+# Declared by etcd but deliberately not by pykine: it does not serve Auth, and
+# lease checkpoints are raft-internal.
+NOT_DECLARED_PREFIXES = ("etcdserverpb.Auth", "etcdserverpb.LeaseCheckpoint")
+
+
+def _protoc(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", *args, *PROTOS], cwd=ROOT, check=True)
+
+
+def _ours() -> list[descriptor_pb2.FileDescriptorProto]:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "set.pb")
+        _protoc(f"--descriptor_set_out={out}")
+        files = descriptor_pb2.FileDescriptorSet()
+        with open(out, "rb") as data:
+            files.ParseFromString(data.read())
+    return list(files.file)
+
+
+def _theirs(module: Any) -> descriptor_pb2.FileDescriptorProto:
+    proto = descriptor_pb2.FileDescriptorProto()
+    module.DESCRIPTOR.CopyToProto(proto)
+    return proto
+
+
+def _shapes(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, Any]:
+    """Everything that reaches the wire, by fully qualified name."""
+    shapes: dict[str, Any] = {}
+
+    def message(node: Any, scope: str) -> None:
+        name = f"{scope}.{node.name}"
+        shapes[name] = sorted(
+            (
+                f.name,
+                f.number,
+                f.type,
+                f.label,
+                f.type_name.rsplit(".", 1)[-1],
+                f.oneof_index if f.HasField("oneof_index") else -1,
+            )
+            for f in node.field
+        )
+        for child in node.nested_type:
+            message(child, name)
+        for enum in node.enum_type:
+            shapes[f"{name}.{enum.name}"] = sorted((v.name, v.number) for v in enum.value)
+
+    for node in proto.message_type:
+        message(node, proto.package)
+    for enum in proto.enum_type:
+        shapes[f"{proto.package}.{enum.name}"] = sorted((v.name, v.number) for v in enum.value)
+    for service in proto.service:
+        shapes[f"/{proto.package}.{service.name}"] = sorted(
+            (
+                m.name,
+                m.input_type.rsplit(".", 1)[-1],
+                m.output_type.rsplit(".", 1)[-1],
+                m.client_streaming,
+                m.server_streaming,
+            )
+            for m in service.method
+        )
+    return shapes
+
+
+def test_declarations_match_etcds() -> None:
+    ours: dict[str, Any] = {}
+    for proto in _ours():
+        ours.update(_shapes(proto))
+    theirs = {**_shapes(_theirs(aetcd.rpc.kv_pb2)), **_shapes(_theirs(aetcd.rpc.rpc_pb2))}
+    assert "/etcdserverpb.KV" in ours and "mvccpb.KeyValue" in ours
+    for name, shape in ours.items():
+        assert name in theirs, f"pykine declares {name}, etcd does not"
+        assert shape == theirs[name], f"{name} differs:\n pykine {shape}\n etcd   {theirs[name]}"
+    missing = {name for name in theirs if name not in ours}
+    assert all(name.startswith(NOT_DECLARED_PREFIXES) or name == "/etcdserverpb.Auth" for name in missing), missing
+
+
+def test_generated_code_is_up_to_date() -> None:
+    """The committed *_pb2 modules are exactly what `make proto` produces."""
+    with tempfile.TemporaryDirectory() as scratch:
+        _protoc(f"--python_out={scratch}", f"--pyi_out={scratch}", f"--grpc_python_out={scratch}")
+        generated = os.path.join(scratch, "pykine", "wire")
+        names = sorted(name for name in os.listdir(generated) if name.endswith((".py", ".pyi")))
+        assert names, "protoc generated nothing"
+        _, mismatch, errors = filecmp.cmpfiles(generated, os.path.join(ROOT, "pykine", "wire"), names, shallow=False)
+        assert not mismatch and not errors, f"run `make proto`: stale {mismatch}, missing {errors}"
