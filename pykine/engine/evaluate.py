@@ -163,6 +163,33 @@ def compare_row(compare: Any, row: KeyValueRow) -> bool:
     return True
 
 
+def single_key(request: Any) -> bytes | None:
+    """The key of a txn in Kubernetes' shape, or None.
+
+    Kubernetes' create, update, delete and compaction txns compare one key and
+    then put, delete or read that same key with no options that change the
+    rules. Such txns take a fast path that skips the general machinery.
+    """
+    if len(request.compare) != 1:
+        return None
+    compare = request.compare[0]
+    key = compare.key
+    if compare.range_end:
+        return None
+    for op in (*request.success, *request.failure):
+        kind = op.WhichOneof("request")
+        if kind == "request_put":
+            put = op.request_put
+            if put.key != key or put.ignore_value or put.ignore_lease:
+                return None
+        elif kind == "request_delete_range":
+            if op.request_delete_range.key != key or op.request_delete_range.range_end:
+                return None
+        elif kind != "request_range" or len(op.request_range.ListFields()) != 1 or op.request_range.key != key:
+            return None
+    return key
+
+
 def is_write(request: Any) -> bool:
     """Whether a txn's branches hold any put or delete (etcd's isTxnReadonly)."""
     for op in (*request.success, *request.failure):
@@ -192,6 +219,15 @@ def snapshot_reads(request: Any, reads: set[SnapshotRead], leases: set[int]) -> 
             return True
         return False
     if isinstance(request, rpc_pb2.TxnRequest):
+        key = single_key(request)
+        if key is not None:
+            reads.add(SnapshotRead(KeySpan(key, key + b"\x00"), 0))
+            leases.update(
+                op.request_put.lease
+                for op in (*request.success, *request.failure)
+                if op.WhichOneof("request") == "request_put" and op.request_put.lease
+            )
+            return False
         historical = False
         for compare in request.compare:
             reads.add(SnapshotRead(KeySpan.from_request(compare.key, compare.range_end), 0))
@@ -341,7 +377,40 @@ class BatchState:
             rev.sub += 1
         return DeleteResult(rev.read_revision, len(rows), rows if request.prev_kv else [])
 
+    def _single_key_txn(self, request: Any, key: bytes) -> TxnResult:
+        """etcd's txn rules, specialised to one compare and plain ops on one key."""
+        compare = request.compare[0]
+        row = self.kvs.get(key)
+        if row is None:
+            succeeded = compare.target != Compare.VALUE and compare_row(compare, EMPTY_ROW)
+        else:
+            succeeded = compare_row(compare, row)
+        ops = request.success if succeeded else request.failure
+        for op in ops:
+            if op.WhichOneof("request") == "request_put":
+                lease = op.request_put.lease
+                if lease and lease not in self.leases:
+                    raise LeaseNotFoundError()
+        rev = _Revisioning(self.revision)
+        responses: list[OpResult] = []
+        for op in ops:
+            kind = op.WhichOneof("request")
+            if kind == "request_put":
+                responses.append(self._put(rev, op.request_put))
+            elif kind == "request_delete_range":
+                responses.append(self._delete(rev, op.request_delete_range))
+            else:
+                current = self.kvs.get(key)
+                rows = [current] if current is not None else []
+                responses.append(RangeResult(rev.read_revision, rows, len(rows), False))
+        if rev.changed:
+            self.revision = rev.begin + 1
+        return TxnResult(self.revision, succeeded, responses)
+
     def _txn(self, request: Any) -> TxnResult:
+        key = single_key(request)
+        if key is not None:
+            return self._single_key_txn(request, key)
         path = self._compare_path(request)
         write = is_write(request)
         ops = list(_ops_on_path(request, iter(path)))
