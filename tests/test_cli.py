@@ -130,6 +130,13 @@ def launch(running: list[Pykine], workdir: Path, *args: str, target: str, env: d
     return server.start()
 
 
+def launch_local(running: list[Pykine], workdir: Path, *args: str, env: dict[str, str] | None = None) -> Pykine:
+    """A pykine on a free loopback port with its database in workdir."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    return launch(running, workdir, f"--listen-address={address}", db_flag(workdir), *args, target=address, env=env)
+
+
 def round_trip(server: Pykine, key: bytes = b"cli/key", value: bytes = b"cli-value") -> None:
     """A write and a read through the server prove it is really the one answering."""
     server.kv().Put(pb.PutRequest(key=key, value=value), timeout=10)
@@ -232,16 +239,7 @@ def test_emulated_etcd_version(
     workdir: Path, running: list[Pykine], args: list[str], env: dict[str, str], expected: str
 ) -> None:
     """The version Status reports is what clients gate features on; every source of it must work."""
-    port = free_port()
-    server = launch(
-        running,
-        workdir,
-        f"--listen-address=127.0.0.1:{port}",
-        db_flag(workdir),
-        *args,
-        target=f"127.0.0.1:{port}",
-        env=clean_env(**env),
-    )
+    server = launch_local(running, workdir, *args, env=clean_env(**env))
     assert server.maintenance().Status(pb.StatusRequest(), timeout=10).version == expected
 
 
@@ -264,16 +262,7 @@ def _json_lines(text: str) -> list[dict[str, object]]:
 )
 def test_json_logs(workdir: Path, running: list[Pykine], args: list[str], env: dict[str, str]) -> None:
     """With JSON logging every stderr line, from start through requests and errors to SIGTERM, is JSON."""
-    port = free_port()
-    server = launch(
-        running,
-        workdir,
-        f"--listen-address=127.0.0.1:{port}",
-        db_flag(workdir),
-        *args,
-        target=f"127.0.0.1:{port}",
-        env=clean_env(**env),
-    )
+    server = launch_local(running, workdir, *args, env=clean_env(**env))
     round_trip(server)
     with pytest.raises(grpc.RpcError):
         server.kv().Range(pb.RangeRequest(key=b""), timeout=10)  # an error answer, in case it is logged
@@ -286,7 +275,7 @@ def test_json_logs(workdir: Path, running: list[Pykine], args: list[str], env: d
     for entry in entries:
         assert {"time", "level", "msg"} <= entry.keys(), entry
     messages = [str(entry["msg"]) for entry in entries]
-    assert any("serving" in message and f"127.0.0.1:{port}" in message for message in messages), messages
+    assert any("serving" in message and server.target in message for message in messages), messages
     assert any("shutting down" in message for message in messages), messages
 
 
@@ -307,15 +296,7 @@ def test_plain_logs_by_default(workdir: Path, running: list[Pykine]) -> None:
 
 def test_kine_log_format_variable_is_not_honoured(workdir: Path, running: list[Pykine]) -> None:
     """kine has no --log-format, so KINE_LOG_FORMAT means nothing; only PYKINE_LOG_FORMAT counts."""
-    port = free_port()
-    server = launch(
-        running,
-        workdir,
-        f"--listen-address=127.0.0.1:{port}",
-        db_flag(workdir),
-        target=f"127.0.0.1:{port}",
-        env=clean_env(KINE_LOG_FORMAT="json"),
-    )
+    server = launch_local(running, workdir, env=clean_env(KINE_LOG_FORMAT="json"))
     assert server.stop() == 0
     first = server.stderr().splitlines()[0]
     with pytest.raises(json.JSONDecodeError):

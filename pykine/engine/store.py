@@ -93,8 +93,6 @@ class Engine:
         query = range_query(request)
         try:
             rows = await self.backend.read_range(query)
-        except EngineError:
-            raise
         except Exception as exc:
             raise UnavailableError(str(exc)) from exc
         if query.revision > rows.revision:
@@ -176,7 +174,7 @@ class Engine:
             raise
         except Exception as exc:
             metrics.WRITE_BATCH_FAILURES.inc()
-            log.error("write batch of %d requests failed: %s", len(batch), exc)
+            log.error("write batch of %d requests failed: %s", len(batch), exc, exc_info=True)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(UnavailableError(str(exc)))

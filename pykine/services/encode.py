@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pykine.engine.records import KeyValueRow
 from pykine.engine.results import DeleteResult, OpResult, PutResult, RangeResult, TxnResult
@@ -40,17 +41,8 @@ def key_value(row: KeyValueRow) -> kv_pb2.KeyValue:
     )
 
 
-def _fill_kvs(target: object, rows: list[KeyValueRow]) -> None:
-    add = target.add  # type: ignore[attr-defined]
-    for row in rows:
-        add(
-            key=row.key,
-            create_revision=row.create_revision,
-            mod_revision=row.mod_revision,
-            version=row.version,
-            value=row.value,
-            lease=row.lease,
-        )
+def _fill_kvs(target: Any, rows: list[KeyValueRow]) -> None:
+    target.extend(map(key_value, rows))
 
 
 def range_response(result: RangeResult, header: rpc_pb2.ResponseHeader) -> rpc_pb2.RangeResponse:
