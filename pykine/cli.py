@@ -23,7 +23,10 @@ KINE_FLAGS = {
     "emulated-etcd-version",
     "compact-batch-size",
     "metrics-bind-address",
+    "watch-progress-notify-interval",
 }
+
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(slots=True)
@@ -35,6 +38,7 @@ class Settings:
     emulated_etcd_version: str
     compact_batch_size: int
     metrics_bind_address: str
+    watch_progress_notify_interval: float
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +81,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> float:
+    """Seconds from a Go-style duration such as 5s, 100ms or 1m30s."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise argparse.ArgumentTypeError(f"not a duration (like 5s or 100ms): {text!r}")
+    seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pykine", description="An etcd v3 API server backed by ordinary databases.")
     parser.add_argument(
@@ -112,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("metrics-bind-address") or "",
         help="host:port to serve Prometheus /metrics on (default: off)",
     )
+    parser.add_argument(
+        "--watch-progress-notify-interval",
+        type=_duration,
+        default=_env("watch-progress-notify-interval") or "5s",
+        help="how often watches that asked for progress notifications get one (default 5s)",
+    )
     parser.add_argument("--version", action="version", version=f"pykine {__version__}")
     return parser
 
@@ -132,6 +153,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         emulated_etcd_version=args.emulated_etcd_version,
         compact_batch_size=args.compact_batch_size,
         metrics_bind_address=args.metrics_bind_address,
+        watch_progress_notify_interval=args.watch_progress_notify_interval,
     )
 
 

@@ -24,6 +24,7 @@ from pykine.services.handlers import service_handler
 from pykine.services.kv import KVService
 from pykine.services.maintenance import ClusterService, MaintenanceService
 from pykine.services.validate import MAX_RECEIVE_BYTES
+from pykine.services.watch import WatchService
 
 log = logging.getLogger("pykine")
 
@@ -86,7 +87,11 @@ async def serve(settings: Settings) -> None:
         except OSError as exc:
             raise BackendError(f"cannot serve metrics on {settings.metrics_bind_address}: {exc.strerror}") from exc
     backend = open_backend(settings.endpoint)
-    engine = Engine(backend, compact_batch_size=settings.compact_batch_size)
+    engine = Engine(
+        backend,
+        compact_batch_size=settings.compact_batch_size,
+        progress_interval=settings.watch_progress_notify_interval,
+    )
     await engine.start()
 
     server = grpc.aio.server(
@@ -110,6 +115,7 @@ async def serve(settings: Settings) -> None:
     server.add_generic_rpc_handlers(
         (
             service_handler("KV", KVService(engine, identity)),
+            service_handler("Watch", WatchService(engine, identity)),
             service_handler("Maintenance", MaintenanceService(engine, identity, settings.emulated_etcd_version)),
             service_handler("Cluster", ClusterService(identity, socket.gethostname(), [url])),
         )

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,9 +113,10 @@ class Server:
 class EtcdServer(Server):
     name = "etcd"
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, *extra_args: str) -> None:
         super().__init__(workdir)
         self.peer_port = free_port()
+        self.extra_args = list(extra_args)
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -129,6 +132,7 @@ class EtcdServer(Server):
             f"--initial-cluster=default={peer}",
             "--logger=zap",
             "--log-level=error",
+            *self.extra_args,
         ]
 
 
@@ -189,9 +193,9 @@ def normalise(message: Any) -> Any:
 class Pair:
     """Real etcd and pykine, fresh, driven in lockstep."""
 
-    def __init__(self, *pykine_args: str) -> None:
+    def __init__(self, *pykine_args: str, etcd_args: tuple[str, ...] = ()) -> None:
         self.workdir = tempfile.mkdtemp(prefix="pykine-pair-")
-        self.etcd = EtcdServer(self.workdir)
+        self.etcd = EtcdServer(self.workdir, *etcd_args)
         self.pykine = PykineServer(self.workdir, *pykine_args)
 
     def start(self) -> Pair:
@@ -229,9 +233,71 @@ class Pair:
 
 
 @contextlib.contextmanager
-def pair(*pykine_args: str) -> Iterator[Pair]:
-    servers = Pair(*pykine_args)
+def pair(*pykine_args: str, etcd_args: tuple[str, ...] = ()) -> Iterator[Pair]:
+    servers = Pair(*pykine_args, etcd_args=etcd_args)
     try:
         yield servers.start()
     finally:
         servers.stop()
+
+
+class WatchSession:
+    """One Watch stream: requests go in through a queue, a thread reads the responses."""
+
+    def __init__(self, server: Server, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self.responses: queue.Queue[Any] = queue.Queue()
+        self._call = server.stub("Watch").Watch(self._feed(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _feed(self) -> Iterator[Any]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self.responses.put(response)
+        except grpc.RpcError as error:
+            self.responses.put(error)
+
+    def send(self, request: Any) -> None:
+        self._requests.put(request)
+
+    def create(self, **options: Any) -> None:
+        self.send(pb.WatchRequest(create_request=pb.WatchCreateRequest(**options)))
+
+    def cancel(self, watch_id: int) -> None:
+        self.send(pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=watch_id)))
+
+    def request_progress(self) -> None:
+        self.send(pb.WatchRequest(progress_request=pb.WatchProgressRequest()))
+
+    def next(self, timeout: float = 10) -> Any:
+        """The next response; fails the test if none comes in time or the stream broke."""
+        try:
+            response = self.responses.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no watch response within {timeout}s") from None
+        if isinstance(response, grpc.RpcError):
+            raise AssertionError(f"watch stream failed: {response.code()} {response.details()}")
+        return response
+
+    def drain(self, quiet: float = 0.3, limit: float = 10.0) -> list[Any]:
+        """Every response that arrives until the stream is quiet for `quiet` seconds (or `limit` passes)."""
+        got: list[Any] = []
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                response = self.responses.get(timeout=quiet)
+            except queue.Empty:
+                return got
+            if isinstance(response, grpc.RpcError):
+                raise AssertionError(f"watch stream failed: {response.code()} {response.details()}")
+            got.append(response)
+        return got
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._requests.put(None)

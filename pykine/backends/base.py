@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pykine.engine.records import RangeQuery, RangeRows, Snapshot, SnapshotRead, WriteSet
+from pykine.engine.records import HistoryRows, KeySpan, RangeQuery, RangeRows, Snapshot, SnapshotRead, WriteSet
 
 T = TypeVar("T")
 
@@ -59,6 +59,10 @@ class Backend(ABC):
     @abstractmethod
     async def read_snapshot(self, reads: Iterable[SnapshotRead]) -> Snapshot:
         """Read several spans from one consistent snapshot (read-only txns)."""
+
+    @abstractmethod
+    async def read_history(self, first: int, last: int, span: KeySpan) -> HistoryRows:
+        """Every change with first <= revision <= last to a key in span, with its previous row."""
 
     @abstractmethod
     async def commit(self, reads: Iterable[SnapshotRead], leases: Iterable[int], plan: Plan[T]) -> tuple[WriteSet, T]:

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from pykine.backends.base import Backend, BackendError, Plan, StorageStatus
 from pykine.engine.records import (
+    Change,
+    HistoryRows,
     KeySpan,
     KeyValueRow,
     RangeQuery,
@@ -93,12 +95,12 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 IN_CHUNK = 500
 
 
-def _span_sql(span: KeySpan) -> tuple[str, list[Any]]:
+def _span_sql(span: KeySpan, column: str = "key") -> tuple[str, list[Any]]:
     if span.single_key:
-        return "key = ?", [span.start]
+        return f"{column} = ?", [span.start]
     if span.end is None:
-        return "key >= ?", [span.start]
-    return "key >= ? AND key < ?", [span.start, span.end]
+        return f"{column} >= ?", [span.start]
+    return f"{column} >= ? AND {column} < ?", [span.start, span.end]
 
 
 def _filters_sql(query: RangeQuery) -> tuple[str, list[Any]]:
@@ -292,6 +294,35 @@ class SQLiteBackend(Backend):
             marks = ",".join("?" * len(lease_ids))
             found_leases = {row[0] for row in conn.execute(f"SELECT id FROM lease WHERE id IN ({marks})", lease_ids)}
         return Snapshot(revision, compact, list(latest.values()), history, found_leases)
+
+    async def read_history(self, first: int, last: int, span: KeySpan) -> HistoryRows:
+        return await self._on(
+            self._readers, self._read_transaction, lambda conn: self._history(conn, first, last, span)
+        )
+
+    def _history(self, conn: sqlite3.Connection, first: int, last: int, span: KeySpan) -> HistoryRows:
+        _, compact = self._revisions(conn)
+        if first < compact:
+            return HistoryRows(compact, [])
+        where, params = _span_sql(span, "h.key")
+        sql = (
+            "SELECT h.key, h.create_revision, h.revision, h.version, h.value, h.lease, h.sub, h.deleted,"
+            " p.create_revision, p.revision, p.version, p.value, p.lease"
+            " FROM kv_history AS h LEFT JOIN kv_history AS p"
+            " ON h.prev_revision > 0 AND p.key = h.key AND p.revision = h.prev_revision"
+            f" WHERE h.revision >= ? AND h.revision <= ? AND {where}"
+            " ORDER BY h.revision, h.sub"
+        )
+        changes = [
+            Change(
+                KeyValueRow(*row[:6]),
+                row[6],
+                bool(row[7]),
+                KeyValueRow(row[0], *row[8:]) if row[9] is not None else None,
+            )
+            for row in conn.execute(sql, [first, last, *params])
+        ]
+        return HistoryRows(compact, changes)
 
     # -- writes --------------------------------------------------------------------
 

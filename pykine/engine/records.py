@@ -130,3 +130,15 @@ class WriteSet:
     @property
     def empty(self) -> bool:
         return not self.changes
+
+
+@dataclass(slots=True)
+class HistoryRows:
+    """Changes in a revision window, in commit order, read in one snapshot.
+
+    When the window starts below the compact revision the backend returns no
+    changes: those events are gone.
+    """
+
+    compact_revision: int
+    changes: list[Change]

@@ -39,6 +39,7 @@ from pykine.engine.results import (
     TxnResult,
     WriteResult,
 )
+from pykine.engine.watch import WatchHub, WatchStream
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,17 @@ class _Pending:
 
 
 class Engine:
-    def __init__(self, backend: Backend, *, max_batch: int = 256, compact_batch_size: int = 1000) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch: int = 256,
+        compact_batch_size: int = 1000,
+        progress_interval: float = 5.0,
+    ) -> None:
         self.backend = backend
+        self.hub = WatchHub()
+        self._progress_interval = progress_interval
         self._max_batch = max_batch
         self._compact_batch_size = compact_batch_size
         self._pending: deque[_Pending] = deque()
@@ -69,6 +79,7 @@ class Engine:
 
     async def start(self) -> None:
         await self.backend.start()
+        self.hub.start(*await self.backend.revisions())
         target, done = await self.backend.compaction_progress()
         self._compact_target, self._compacted_through = target, done
         self._tasks = [
@@ -116,6 +127,10 @@ class Engine:
             raise outcome
         assert isinstance(outcome, TxnResult)
         return outcome
+
+    def watch_stream(self) -> WatchStream:
+        """The watches of one client stream, fed by this engine's commits."""
+        return WatchStream(self.hub, self.backend, self._progress_interval)
 
     # -- writes -------------------------------------------------------------------
 
@@ -181,6 +196,10 @@ class Engine:
             return
         metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.WRITE_BATCH_REQUESTS.observe(len(batch))
+        # Watchers hear of a commit before its writers are answered.
+        self.hub.compact_revision = write_set.compact_revision
+        if write_set.changes:
+            self.hub.publish(write_set.changes)
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.future.done():
                 continue

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pykine.engine.records import KeyValueRow
+from pykine.engine.records import Change, KeyValueRow
 from pykine.engine.results import DeleteResult, OpResult, PutResult, RangeResult, TxnResult
+from pykine.engine.watch import WatchReply
 from pykine.wire import kv_pb2, rpc_pb2
 
 KeyValue = kv_pb2.KeyValue
@@ -82,3 +83,50 @@ def _add_op(target: rpc_pb2.ResponseOp, op: OpResult) -> None:
         target.response_delete_range.CopyFrom(delete_response(op, inner))
     else:
         target.response_txn.CopyFrom(txn_response(op, inner))
+
+
+def _event(change: Change, with_prev: bool) -> kv_pb2.Event:
+    event = kv_pb2.Event(type=kv_pb2.Event.DELETE if change.deleted else kv_pb2.Event.PUT, kv=key_value(change.kv))
+    if with_prev and change.prev is not None:
+        event.prev_kv.CopyFrom(key_value(change.prev))
+    return event
+
+
+def _field_size(size: int) -> int:
+    """Bytes a length-delimited field of `size` bytes takes (one-byte tag)."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
+def watch_responses(reply: WatchReply, header: rpc_pb2.ResponseHeader, max_bytes: int) -> list[rpc_pb2.WatchResponse]:
+    """One WatchResponse, or etcd-style fragments of it when the watcher asked.
+
+    Fragments hold whole events, at least one each, and stay under max_bytes
+    where an event allows; all but the last are marked fragment=true.
+    """
+    base = rpc_pb2.WatchResponse(
+        header=header,
+        watch_id=reply.watch_id,
+        created=reply.created,
+        canceled=reply.canceled,
+        compact_revision=reply.compact_revision,
+        cancel_reason=reply.cancel_reason,
+    )
+    events = [_event(change, reply.prev_kv) for change in reply.events]
+    sizes = [_field_size(event.ByteSize()) for event in events]
+    if not reply.fragment or len(events) < 2 or base.ByteSize() + sum(sizes) < max_bytes:
+        base.events.extend(events)
+        return [base]
+    responses: list[rpc_pb2.WatchResponse] = []
+    start = 0
+    while start < len(events):
+        end, total = start + 1, base.ByteSize() + sizes[start]
+        while end < len(events) and total + sizes[end] < max_bytes:
+            total += sizes[end]
+            end += 1
+        fragment = rpc_pb2.WatchResponse()
+        fragment.CopyFrom(base)
+        fragment.events.extend(events[start:end])
+        fragment.fragment = end < len(events)
+        responses.append(fragment)
+        start = end
+    return responses

@@ -1,0 +1,44 @@
+"""etcdserverpb.Watch: a bidirectional stream carrying many watches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from pykine.engine.store import Engine
+from pykine.services import encode
+from pykine.services.encode import Identity
+from pykine.services.handlers import MalformedRequest
+from pykine.services.validate import MAX_REQUEST_BYTES
+from pykine.wire import rpc_pb2
+
+
+class WatchService:
+    def __init__(self, engine: Engine, identity: Identity) -> None:
+        self.engine = engine
+        self.identity = identity
+
+    async def Watch(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpc_pb2.WatchResponse]:
+        stream = self.engine.watch_stream()
+
+        async def receive() -> None:
+            async for request in requests:
+                if isinstance(request, MalformedRequest):
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {request.reason}"
+                    )
+                stream.submit(request)
+
+        receiver = asyncio.create_task(receive())
+        try:
+            async for reply in stream.replies():
+                for response in encode.watch_responses(reply, self.identity.header(reply.revision), MAX_REQUEST_BYTES):
+                    yield response
+        finally:
+            receiver.cancel()
+            stream.close()
