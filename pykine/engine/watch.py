@@ -27,6 +27,7 @@ from pykine.engine.records import Change, KeySpan
 # Revisions read from the datastore per catch-up step (etcd's watchBatchMaxRevs).
 CATCH_UP_REVISIONS = 1000
 DUPLICATE_WATCH_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+EMPTY_WATCH_RANGE = "mvcc: watcher range is empty"
 
 NOPUT, NODELETE = 0, 1
 
@@ -189,6 +190,10 @@ class WatchStream:
 
     def _create(self, create: Any) -> Iterator[WatchReply]:
         head = self._hub.head
+        span = KeySpan.from_request(create.key or b"\x00", create.range_end)
+        if span.empty:
+            yield WatchReply(-1, head, created=True, canceled=True, cancel_reason=EMPTY_WATCH_RANGE)
+            return
         watch_id = create.watch_id
         if watch_id == 0:
             while self._next_id in self._watchers:
@@ -201,7 +206,7 @@ class WatchStream:
         start = create.start_revision if create.start_revision > 0 else head + 1
         watcher = _Watcher(
             watch_id=watch_id,
-            span=KeySpan.from_request(create.key or b"\x00", create.range_end),
+            span=span,
             next_revision=start,
             no_put=NOPUT in create.filters,
             no_delete=NODELETE in create.filters,
