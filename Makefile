@@ -24,10 +24,13 @@ proto: $(STAMP)
 bench:
 	@echo "make bench: not yet (the benchmark against real etcd is issue 5)"
 
-# Real etcd and etcdctl for the differential tests, from Debian.
+# Real etcd and etcdctl for the differential tests, and Go with the real etcd
+# Go client's source for the Go client tests, all from Debian.
+SYSTEM_PACKAGES := etcd-server etcd-client golang-go golang-etcd-server-dev
 system-deps:
-	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client; }
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && command -v go >/dev/null \
+		&& test -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -8,12 +8,13 @@ historical, compacted and future revisions all come up.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from conftest import _SharedPair
-from harness import pb
+from harness import WatchSession, normalise, pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -174,6 +175,14 @@ def _build_txn(options: dict[str, Any], current: int) -> pb.TxnRequest:
     return request
 
 
+def _heard(watch: WatchSession, start: int, last: int) -> list[Any]:
+    """What a watcher of every key heard: up to the last revision's events, then anything extra."""
+    heard: list[Any] = []
+    while last > start and not any(event.kv.mod_revision >= last for event in (heard[-1].events if heard else [])):
+        heard.append(watch.next())
+    return heard + watch.drain(quiet=0.05)
+
+
 @settings(
     max_examples=int(os.environ.get("PYKINE_PROPERTY_EXAMPLES", "80")),
     deadline=None,
@@ -182,15 +191,29 @@ def _build_txn(options: dict[str, Any], current: int) -> pb.TxnRequest:
 @given(sequence=st.lists(operations, min_size=1, max_size=25))
 def test_random_sequences_match_etcd(_shared: _SharedPair, sequence: list[tuple[str, dict[str, Any]]]) -> None:
     servers = _shared.get()
+    watches = [WatchSession(servers.etcd), WatchSession(servers.pykine)]
     try:
         servers.wipe()
-        current = servers.kv("Range", pb.RangeRequest(key=b"a")).header.revision
+        current = start = servers.kv("Range", pb.RangeRequest(key=b"a")).header.revision
+        for watch in watches:
+            # Every change of the sequence, with the value it replaced.
+            watch.create(key=b"\x00", range_end=b"\x00", prev_kv=True, start_revision=current + 1)
+        created = [normalise(watch.next()) for watch in watches]
+        assert created[0] == created[1] and created[0].created
         for method, options in sequence:
             outcome = servers.same("KV", method, build(method, options, current))
             if outcome.ok:
                 current = outcome.response.header.revision
-        # The whole keyspace must agree at the end as well.
+        # The whole keyspace must agree at the end as well, and so must what the watchers heard.
         servers.kv("Range", pb.RangeRequest(key=b"\x00", range_end=b"\x00"))
+        want, got = ([normalise(response) for response in _heard(watch, start, current)] for watch in watches)
+        if got != want:
+            lines = [[line for response in side for line in str(response).splitlines()] for side in (want, got)]
+            diff = "\n".join(difflib.unified_diff(*lines, "etcd", "pykine", lineterm=""))
+            raise AssertionError(f"watch events differ:\n{diff}")
     except BaseException:
         _shared.discard()  # out of lockstep: the next example starts on a fresh pair
         raise
+    finally:
+        for watch in watches:
+            watch.close()

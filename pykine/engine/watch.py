@@ -117,7 +117,13 @@ class _Watcher:
             and not (not change.deleted and self.no_put)
         ]
 
-    def reply(self, revision: int, events: list[Change]) -> WatchReply:
+    def reply(self, revision: int, events: list[Change], compact_revision: int) -> WatchReply:
+        if self.prev_kv:
+            # etcd reads prev_kv at the event's revision - 1; once that is compacted, there is none.
+            events = [
+                change._replace(prev=None) if change.prev and change.kv.mod_revision - 1 < compact_revision else change
+                for change in events
+            ]
         return WatchReply(self.watch_id, revision, events, prev_kv=self.prev_kv, fragment=self.fragment)
 
 
@@ -240,7 +246,7 @@ class WatchStream:
             for revision, changes in entries:
                 events = watcher.select(changes)
                 if events:
-                    yield watcher.reply(revision, events)
+                    yield watcher.reply(revision, events, self._hub.compact_revision)
             return
         watcher.synced = False
         last = min(head, watcher.next_revision + CATCH_UP_REVISIONS - 1)
@@ -256,4 +262,4 @@ class WatchStream:
         watcher.next_revision = last + 1
         events = watcher.select(changes)
         if events and watcher.watch_id in self._watchers:
-            yield watcher.reply(head, events)
+            yield watcher.reply(head, events, self._hub.compact_revision)
