@@ -22,6 +22,7 @@ from pykine.metrics import serve_metrics
 from pykine.services.encode import Identity
 from pykine.services.handlers import service_handler
 from pykine.services.kv import KVService
+from pykine.services.lease import LeaseService
 from pykine.services.maintenance import ClusterService, MaintenanceService
 from pykine.services.validate import MAX_RECEIVE_BYTES
 from pykine.services.watch import WatchService
@@ -116,6 +117,7 @@ async def serve(settings: Settings) -> None:
         (
             service_handler("KV", KVService(engine, identity)),
             service_handler("Watch", WatchService(engine, identity)),
+            service_handler("Lease", LeaseService(engine, identity)),
             service_handler("Maintenance", MaintenanceService(engine, identity, settings.emulated_etcd_version)),
             service_handler("Cluster", ClusterService(identity, socket.gethostname(), [url])),
         )

@@ -11,7 +11,7 @@ import tempfile
 import threading
 
 from pykine.backends.sqlite import SQLiteBackend
-from pykine.engine.records import Change, KeySpan, KeyValueRow, RangeQuery, Snapshot, WriteSet
+from pykine.engine.records import Change, KeySpan, KeyValueRow, RangeQuery, ReadSet, Snapshot, WriteSet
 
 ALL = KeySpan(b"\x00", None)
 
@@ -34,9 +34,9 @@ def test_reads_never_wait_behind_an_open_write_transaction() -> None:
         backend = SQLiteBackend(os.path.join(tempfile.mkdtemp(prefix="pykine-sqlite-"), "state.db"))
         await backend.start()
         try:
-            await backend.commit([], [], _put_plan(b"a", b"1"))
+            await backend.commit(ReadSet(), _put_plan(b"a", b"1"))
             hold, entered = threading.Event(), threading.Event()
-            writing = asyncio.ensure_future(backend.commit([], [], _put_plan(b"b", b"2", hold, entered)))
+            writing = asyncio.ensure_future(backend.commit(ReadSet(), _put_plan(b"b", b"2", hold, entered)))
             await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
             # The writer now holds its transaction open; a read still completes,
             # from the last committed snapshot.
@@ -65,14 +65,14 @@ def test_failed_plan_stores_nothing() -> None:
                 raise RuntimeError("plan failed")
 
             try:
-                await backend.commit([], [], broken)
+                await backend.commit(ReadSet(), broken)
             except RuntimeError as error:
                 assert str(error) == "plan failed"
             else:
                 raise AssertionError("the plan's error was swallowed")
             rows = await backend.read_range(RangeQuery(ALL))
             assert (rows.revision, rows.rows) == (1, [])
-            await backend.commit([], [], _put_plan(b"a", b"1"))
+            await backend.commit(ReadSet(), _put_plan(b"a", b"1"))
             assert (await backend.revisions()) == (2, -1)
         finally:
             await backend.close()
@@ -86,9 +86,9 @@ def test_compaction_steps_resume_and_keep_what_reads_need() -> None:
         backend = SQLiteBackend(path)
         await backend.start()
         for n in range(10):
-            await backend.commit([], [], _put_plan(b"k", b"%d" % n))
+            await backend.commit(ReadSet(), _put_plan(b"k", b"%d" % n))
         # Mark revision 8 compacted (as the engine's Compact does), then compact in steps of 3.
-        await backend.commit([], [], lambda s: (WriteSet(s.revision, 8, []), None))
+        await backend.commit(ReadSet(), lambda s: (WriteSet(s.revision, 8, []), None))
         assert await backend.compaction_progress() == (8, 0)
         assert await backend.compact_step(8, 3) == 3
         await backend.close()

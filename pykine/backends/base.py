@@ -9,11 +9,11 @@ the backend stores that WriteSet atomically before it returns.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pykine.engine.records import HistoryRows, KeySpan, RangeQuery, RangeRows, Snapshot, SnapshotRead, WriteSet
+from pykine.engine.records import HistoryRows, KeySpan, LeaseRow, RangeQuery, RangeRows, ReadSet, Snapshot, WriteSet
 
 T = TypeVar("T")
 
@@ -57,7 +57,7 @@ class Backend(ABC):
         """Answer one range read from a single consistent snapshot."""
 
     @abstractmethod
-    async def read_snapshot(self, reads: Iterable[SnapshotRead]) -> Snapshot:
+    async def read_snapshot(self, reads: ReadSet) -> Snapshot:
         """Read several spans from one consistent snapshot (read-only txns)."""
 
     @abstractmethod
@@ -65,12 +65,28 @@ class Backend(ABC):
         """Every change with first <= revision <= last to a key in span, with its previous row."""
 
     @abstractmethod
-    async def commit(self, reads: Iterable[SnapshotRead], leases: Iterable[int], plan: Plan[T]) -> tuple[WriteSet, T]:
+    async def commit(self, reads: ReadSet, plan: Plan[T]) -> tuple[WriteSet, T]:
         """Run `plan` on a snapshot taken under the write lock, then store its WriteSet.
 
         Nothing is visible to readers before this returns, and everything is
         durable when it does.
         """
+
+    @abstractmethod
+    async def read_lease(self, lease_id: int, with_keys: bool) -> tuple[int, LeaseRow | None, list[bytes]]:
+        """(current revision, the lease or None, its keys in key order if asked)."""
+
+    @abstractmethod
+    async def lease_ids(self) -> tuple[int, list[int]]:
+        """(current revision, every lease id)."""
+
+    @abstractmethod
+    async def due_leases(self, now: float, limit: int) -> list[int]:
+        """Up to `limit` leases whose deadline is at or before `now`, earliest first, from an index."""
+
+    @abstractmethod
+    async def renew_leases(self, now: float) -> None:
+        """Give every lease its full TTL from `now` (done at start-up, as etcd does)."""
 
     @abstractmethod
     async def compact_step(self, target: int, max_revisions: int) -> int:

@@ -12,7 +12,7 @@ import os
 import random
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -22,8 +22,10 @@ from pykine.engine.records import (
     HistoryRows,
     KeySpan,
     KeyValueRow,
+    LeaseRow,
     RangeQuery,
     RangeRows,
+    ReadSet,
     Snapshot,
     SnapshotRead,
     WriteSet,
@@ -64,11 +66,15 @@ CREATE TABLE IF NOT EXISTS kv_history (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS kv_history_key ON kv_history (key, revision);
 
+-- Keys by lease, for revoke and expiry: cost follows the lease's keys only.
+CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease != 0;
+
 CREATE TABLE IF NOT EXISTS lease (
     id INTEGER PRIMARY KEY,
     ttl INTEGER NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS lease_expiry ON lease (expires_at);
 """
 
 # Revision 1 is the empty store, as in etcd; -1 means never compacted.
@@ -262,16 +268,15 @@ class SQLiteBackend(Backend):
             count = len(rows)
         return RangeRows(revision, compact, rows, count)
 
-    async def read_snapshot(self, reads: Iterable[SnapshotRead]) -> Snapshot:
-        reads = list(reads)
-        return await self._on(self._readers, self._read_transaction, lambda conn: self._snapshot(conn, reads, ()))
+    async def read_snapshot(self, reads: ReadSet) -> Snapshot:
+        return await self._on(self._readers, self._read_transaction, lambda conn: self._snapshot(conn, reads))
 
-    def _snapshot(self, conn: sqlite3.Connection, reads: list[SnapshotRead], leases: Iterable[int]) -> Snapshot:
+    def _snapshot(self, conn: sqlite3.Connection, reads: ReadSet) -> Snapshot:
         revision, compact = self._revisions(conn)
         latest: dict[bytes, KeyValueRow] = {}
         singles: list[bytes] = []
         history: dict[SnapshotRead, list[KeyValueRow]] = {}
-        for read in reads:
+        for read in reads.spans:
             if read.revision and read.revision < revision:
                 if read.revision >= compact and not read.span.empty:
                     span, params = _span_sql(read.span)
@@ -288,12 +293,17 @@ class SQLiteBackend(Backend):
             marks = ",".join("?" * len(chunk))
             for row in conn.execute(f"SELECT {KV_COLUMNS} FROM kv WHERE key IN ({marks})", chunk):
                 latest[row[0]] = KeyValueRow._make(row)
-        found_leases: set[int] = set()
-        lease_ids = list(leases)
-        if lease_ids:
-            marks = ",".join("?" * len(lease_ids))
-            found_leases = {row[0] for row in conn.execute(f"SELECT id FROM lease WHERE id IN ({marks})", lease_ids)}
-        return Snapshot(revision, compact, list(latest.values()), history, found_leases)
+        for lease_id in reads.lease_keys:
+            for row in conn.execute(f"SELECT {KV_COLUMNS} FROM kv WHERE lease = ?", (lease_id,)):
+                latest[row[0]] = KeyValueRow._make(row)
+        leases: dict[int, LeaseRow] = {}
+        lease_ids = list(reads.leases)
+        for start in range(0, len(lease_ids), IN_CHUNK):
+            chunk = lease_ids[start : start + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row in conn.execute(f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({marks})", chunk):
+                leases[row[0]] = LeaseRow._make(row)
+        return Snapshot(revision, compact, list(latest.values()), history, leases)
 
     async def read_history(self, first: int, last: int, span: KeySpan) -> HistoryRows:
         return await self._on(
@@ -326,15 +336,14 @@ class SQLiteBackend(Backend):
 
     # -- writes --------------------------------------------------------------------
 
-    async def commit(self, reads: Iterable[SnapshotRead], leases: Iterable[int], plan: Plan[T]) -> tuple[WriteSet, T]:
-        reads, leases = list(reads), list(leases)
-        return await self._on(self._writer, self._commit, reads, leases, plan)
+    async def commit(self, reads: ReadSet, plan: Plan[T]) -> tuple[WriteSet, T]:
+        return await self._on(self._writer, self._commit, reads, plan)
 
-    def _commit(self, reads: list[SnapshotRead], leases: list[int], plan: Plan[T]) -> tuple[WriteSet, T]:
+    def _commit(self, reads: ReadSet, plan: Plan[T]) -> tuple[WriteSet, T]:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            snapshot = self._snapshot(conn, reads, leases)
+            snapshot = self._snapshot(conn, reads)
             write_set, outcome = plan(snapshot)
             self._store(conn, snapshot, write_set)
             conn.execute("COMMIT")
@@ -372,10 +381,53 @@ class SQLiteBackend(Backend):
             live = [c.kv for c in final.values() if not c.deleted]
             if live:
                 conn.executemany(f"INSERT OR REPLACE INTO kv ({KV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", live)
+        if write_set.lease_puts:
+            conn.executemany(
+                "INSERT OR REPLACE INTO lease (id, ttl, expires_at) VALUES (?, ?, ?)", write_set.lease_puts
+            )
+        if write_set.lease_deletes:
+            conn.executemany("DELETE FROM lease WHERE id = ?", [(lease_id,) for lease_id in write_set.lease_deletes])
         if write_set.revision != snapshot.revision:
             conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (write_set.revision,))
         if write_set.compact_revision != snapshot.compact_revision:
             conn.execute("UPDATE meta SET value = ? WHERE name = 'compact_revision'", (write_set.compact_revision,))
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def read_lease(self, lease_id: int, with_keys: bool) -> tuple[int, LeaseRow | None, list[bytes]]:
+        def read(conn: sqlite3.Connection) -> tuple[int, LeaseRow | None, list[bytes]]:
+            revision, _ = self._revisions(conn)
+            row = conn.execute("SELECT id, ttl, expires_at FROM lease WHERE id = ?", (lease_id,)).fetchone()
+            if row is None:
+                return revision, None, []
+            keys = []
+            if with_keys:
+                keys = [key for (key,) in conn.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease_id,))]
+            return revision, LeaseRow._make(row), keys
+
+        return await self._on(self._readers, self._read_transaction, read)
+
+    async def lease_ids(self) -> tuple[int, list[int]]:
+        def read(conn: sqlite3.Connection) -> tuple[int, list[int]]:
+            revision, _ = self._revisions(conn)
+            return revision, [lease_id for (lease_id,) in conn.execute("SELECT id FROM lease ORDER BY id")]
+
+        return await self._on(self._readers, self._read_transaction, read)
+
+    async def due_leases(self, now: float, limit: int) -> list[int]:
+        def read() -> list[int]:
+            rows = self._connection().execute(
+                "SELECT id FROM lease WHERE expires_at <= ? ORDER BY expires_at LIMIT ?", (now, limit)
+            )
+            return [lease_id for (lease_id,) in rows]
+
+        return await self._on(self._readers, read)
+
+    async def renew_leases(self, now: float) -> None:
+        def renew() -> None:
+            self._connection().execute("UPDATE lease SET expires_at = ? + ttl", (now,))
+
+        await self._on(self._writer, renew)
 
     # -- compaction ------------------------------------------------------------------
 

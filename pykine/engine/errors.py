@@ -23,3 +23,11 @@ class KeyNotFoundError(EngineError):
 
 class UnavailableError(EngineError):
     """The datastore failed; nothing of the request was applied."""
+
+
+class LeaseExistsError(EngineError):
+    """A grant named a lease id that is taken."""
+
+
+class LeaseTTLTooLargeError(EngineError):
+    """A grant asked for more than etcd's maximum TTL."""

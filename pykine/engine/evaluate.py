@@ -9,7 +9,10 @@ against a read snapshot.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pykine.engine.errors import (
@@ -17,13 +20,17 @@ from pykine.engine.errors import (
     EngineError,
     FutureRevisionError,
     KeyNotFoundError,
+    LeaseExistsError,
     LeaseNotFoundError,
+    LeaseTTLTooLargeError,
 )
 from pykine.engine.records import (
     Change,
     KeySpan,
     KeyValueRow,
+    LeaseRow,
     RangeQuery,
+    ReadSet,
     Snapshot,
     SnapshotRead,
     SortSpec,
@@ -32,6 +39,7 @@ from pykine.engine.records import (
 from pykine.engine.results import (
     CompactResult,
     DeleteResult,
+    LeaseResult,
     OpResult,
     PutResult,
     RangeResult,
@@ -61,6 +69,11 @@ COMPARE_OPERANDS = {
 }
 
 EMPTY_ROW = KeyValueRow(b"", 0, 0, 0, b"", 0)
+
+# etcd's bounds on lease TTLs: its minimum follows from the default election
+# timeout (TTLs below it are raised to it), its maximum is fixed.
+MIN_LEASE_TTL = 2
+MAX_LEASE_TTL = 9_000_000_000
 
 
 def sort_spec(request: Any) -> SortSpec | None:
@@ -201,42 +214,52 @@ def is_write(request: Any) -> bool:
     return False
 
 
-def snapshot_reads(request: Any, reads: set[SnapshotRead], leases: set[int]) -> bool:
-    """Collect what evaluating `request` may read; True if it reads history."""
+@dataclass(frozen=True, slots=True)
+class ExpireLease:
+    """Internal request: revoke a lease if it is still past its deadline."""
+
+    lease_id: int
+    now: float
+
+
+def collect_reads(request: Any, reads: ReadSet) -> None:
+    """Add what evaluating `request` may read to `reads`."""
     if isinstance(request, rpc_pb2.PutRequest):
-        reads.add(SnapshotRead(KeySpan.from_request(request.key, b""), 0))
+        reads.spans.add(SnapshotRead(KeySpan(request.key, request.key + b"\x00"), 0))
         if request.lease:
-            leases.add(request.lease)
-        return False
-    if isinstance(request, rpc_pb2.DeleteRangeRequest):
-        reads.add(SnapshotRead(KeySpan.from_request(request.key, request.range_end), 0))
-        return False
-    if isinstance(request, rpc_pb2.RangeRequest):
+            reads.leases.add(request.lease)
+    elif isinstance(request, rpc_pb2.DeleteRangeRequest):
+        reads.spans.add(SnapshotRead(KeySpan.from_request(request.key, request.range_end), 0))
+    elif isinstance(request, rpc_pb2.RangeRequest):
         span = KeySpan.from_request(request.key, request.range_end)
-        reads.add(SnapshotRead(span, 0))
+        reads.spans.add(SnapshotRead(span, 0))
         if request.revision > 0:
-            reads.add(SnapshotRead(span, request.revision))
-            return True
-        return False
-    if isinstance(request, rpc_pb2.TxnRequest):
+            reads.spans.add(SnapshotRead(span, request.revision))
+            reads.historical = True
+    elif isinstance(request, rpc_pb2.TxnRequest):
         key = single_key(request)
         if key is not None:
-            reads.add(SnapshotRead(KeySpan(key, key + b"\x00"), 0))
-            leases.update(
+            reads.spans.add(SnapshotRead(KeySpan(key, key + b"\x00"), 0))
+            reads.leases.update(
                 op.request_put.lease
                 for op in (*request.success, *request.failure)
                 if op.WhichOneof("request") == "request_put" and op.request_put.lease
             )
-            return False
-        historical = False
+            return
         for compare in request.compare:
-            reads.add(SnapshotRead(KeySpan.from_request(compare.key, compare.range_end), 0))
+            reads.spans.add(SnapshotRead(KeySpan.from_request(compare.key, compare.range_end), 0))
         for op in (*request.success, *request.failure):
             kind = op.WhichOneof("request")
             if kind is not None:
-                historical |= snapshot_reads(getattr(op, kind), reads, leases)
-        return historical
-    return False
+                collect_reads(getattr(op, kind), reads)
+    elif isinstance(request, rpc_pb2.LeaseGrantRequest | rpc_pb2.LeaseKeepAliveRequest):
+        reads.leases.add(request.ID)
+    elif isinstance(request, rpc_pb2.LeaseRevokeRequest):
+        reads.leases.add(request.ID)
+        reads.lease_keys.add(request.ID)
+    elif isinstance(request, ExpireLease):
+        reads.leases.add(request.lease_id)
+        reads.lease_keys.add(request.lease_id)
 
 
 class _Revisioning:
@@ -265,11 +288,19 @@ class BatchState:
         self.compact_revision = snapshot.compact_revision
         self.kvs: dict[bytes, KeyValueRow] = {row.key: row for row in snapshot.latest}
         self.history = snapshot.history
-        self.leases = snapshot.leases
+        self.leases = dict(snapshot.leases)
         self.changes: list[Change] = []
+        self._lease_puts: dict[int, LeaseRow] = {}
+        self._lease_deletes: set[int] = set()
 
     def write_set(self) -> WriteSet:
-        return WriteSet(self.revision, self.compact_revision, self.changes)
+        return WriteSet(
+            self.revision,
+            self.compact_revision,
+            self.changes,
+            list(self._lease_puts.values()),
+            sorted(self._lease_deletes),
+        )
 
     def apply(self, request: Any) -> WriteResult | EngineError:
         """Run one request; an etcd error leaves the state untouched."""
@@ -283,6 +314,19 @@ class BatchState:
                 return self._txn(request)
             if isinstance(request, rpc_pb2.CompactionRequest):
                 return self._compact(request)
+            if isinstance(request, rpc_pb2.LeaseGrantRequest):
+                return self._grant(request)
+            if isinstance(request, rpc_pb2.LeaseRevokeRequest):
+                if request.ID not in self.leases:
+                    raise LeaseNotFoundError()
+                return self._revoke(request.ID)
+            if isinstance(request, rpc_pb2.LeaseKeepAliveRequest):
+                return self._keep_alive(request.ID)
+            if isinstance(request, ExpireLease):
+                lease = self.leases.get(request.lease_id)
+                if lease is None or lease.expires_at > request.now:
+                    return LeaseResult(self.revision, request.lease_id, 0)  # renewed or gone meanwhile
+                return self._revoke(request.lease_id)
         except EngineError as error:
             return error
         raise TypeError(f"not a write request: {type(request).__name__}")
@@ -369,13 +413,15 @@ class BatchState:
 
     def _delete(self, rev: _Revisioning, request: Any) -> DeleteResult:
         rows = self.rows_in(KeySpan.from_request(request.key, request.range_end))
-        revision = rev.begin + 1
         for row in rows:
-            del self.kvs[row.key]
-            tombstone = KeyValueRow(row.key, 0, revision, 0, b"", 0)
-            self.changes.append(Change(tombstone, rev.sub, True, row))
-            rev.sub += 1
+            self._delete_key(rev, row.key)
         return DeleteResult(rev.read_revision, len(rows), rows if request.prev_kv else [])
+
+    def _delete_key(self, rev: _Revisioning, key: bytes) -> None:
+        row = self.kvs.pop(key)
+        tombstone = KeyValueRow(key, 0, rev.begin + 1, 0, b"", 0)
+        self.changes.append(Change(tombstone, rev.sub, True, row))
+        rev.sub += 1
 
     def _single_key_txn(self, request: Any, key: bytes) -> TxnResult:
         """etcd's txn rules, specialised to one compare and plain ops on one key."""
@@ -452,6 +498,48 @@ class BatchState:
             elif kind == "request_txn":
                 responses.append(self._apply_ops(rev, op.request_txn, path, pins))
         return TxnResult(None, succeeded, responses)
+
+    # -- leases ----------------------------------------------------------------
+
+    def _save_lease(self, lease: LeaseRow) -> None:
+        self.leases[lease.id] = lease
+        self._lease_puts[lease.id] = lease
+        self._lease_deletes.discard(lease.id)
+
+    def _grant(self, request: Any) -> LeaseResult:
+        if request.TTL > MAX_LEASE_TTL:
+            raise LeaseTTLTooLargeError()
+        lease_id = request.ID
+        if lease_id == 0:
+            lease_id = random.getrandbits(63) or 1
+            # A clash with a lease this batch did not load has odds of 1 in 2**63.
+            while lease_id in self.leases:
+                lease_id = random.getrandbits(63) or 1
+        elif lease_id in self.leases:
+            raise LeaseExistsError()
+        ttl = max(request.TTL, MIN_LEASE_TTL)
+        self._save_lease(LeaseRow(lease_id, ttl, time.time() + ttl))
+        return LeaseResult(self.revision, lease_id, ttl)
+
+    def _keep_alive(self, lease_id: int) -> LeaseResult:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return LeaseResult(self.revision, lease_id, 0)
+        self._save_lease(lease._replace(expires_at=time.time() + lease.ttl))
+        return LeaseResult(self.revision, lease_id, lease.ttl)
+
+    def _revoke(self, lease_id: int) -> LeaseResult:
+        """Delete the lease and every key attached to it, all at one revision."""
+        attached = sorted(key for key, row in self.kvs.items() if row.lease == lease_id)
+        rev = _Revisioning(self.revision)
+        for key in attached:
+            self._delete_key(rev, key)
+        if rev.changed:
+            self.revision = rev.begin + 1
+        del self.leases[lease_id]
+        self._lease_puts.pop(lease_id, None)
+        self._lease_deletes.add(lease_id)
+        return LeaseResult(self.revision, lease_id, 0)
 
     def _compact(self, request: Any) -> CompactResult:
         if request.revision <= self.compact_revision:

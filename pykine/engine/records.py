@@ -108,6 +108,33 @@ class SnapshotRead(NamedTuple):
     revision: int
 
 
+class LeaseRow(NamedTuple):
+    """A lease: its granted TTL in seconds and its deadline (Unix time)."""
+
+    id: int
+    ttl: int
+    expires_at: float
+
+
+@dataclass(slots=True)
+class ReadSet:
+    """Everything a batch may read, collected before its transaction starts."""
+
+    spans: set[SnapshotRead] = field(default_factory=set)
+    # Lease rows to load (to check they exist, renew or revoke them).
+    leases: set[int] = field(default_factory=set)
+    # Leases whose attached keys must be loaded (revoke and expiry).
+    lease_keys: set[int] = field(default_factory=set)
+    # Reads history at a fixed revision.
+    historical: bool = False
+
+    def update(self, other: ReadSet) -> None:
+        self.spans |= other.spans
+        self.leases |= other.leases
+        self.lease_keys |= other.lease_keys
+        self.historical |= other.historical
+
+
 @dataclass(slots=True)
 class Snapshot:
     """The state a batch is evaluated against, read inside its transaction."""
@@ -116,7 +143,7 @@ class Snapshot:
     compact_revision: int
     latest: list[KeyValueRow]
     history: dict[SnapshotRead, list[KeyValueRow]] = field(default_factory=dict)
-    leases: set[int] = field(default_factory=set)
+    leases: dict[int, LeaseRow] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -126,10 +153,8 @@ class WriteSet:
     revision: int
     compact_revision: int
     changes: list[Change]
-
-    @property
-    def empty(self) -> bool:
-        return not self.changes
+    lease_puts: list[LeaseRow] = field(default_factory=list)
+    lease_deletes: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

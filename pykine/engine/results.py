@@ -42,5 +42,25 @@ class CompactResult:
     revision: int
 
 
+@dataclass(slots=True)
+class LeaseResult:
+    """Grant, revoke and keep-alive answers; ttl is 0 for a keep-alive of an unknown lease."""
+
+    revision: int
+    id: int
+    ttl: int
+
+
+@dataclass(slots=True)
+class LeaseInfo:
+    """TimeToLive: ttl is -1 for an unknown lease, as in etcd."""
+
+    revision: int
+    id: int
+    ttl: int
+    granted_ttl: int
+    keys: list[bytes]
+
+
 OpResult = RangeResult | PutResult | DeleteResult | TxnResult
-WriteResult = PutResult | DeleteResult | TxnResult | CompactResult
+WriteResult = PutResult | DeleteResult | TxnResult | CompactResult | LeaseResult

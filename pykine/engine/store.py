@@ -25,15 +25,18 @@ from pykine.engine.errors import (
 )
 from pykine.engine.evaluate import (
     BatchState,
+    ExpireLease,
+    collect_reads,
     finish_range,
     is_write,
     range_query,
-    snapshot_reads,
 )
-from pykine.engine.records import Snapshot, SnapshotRead, WriteSet
+from pykine.engine.records import ReadSet, Snapshot, WriteSet
 from pykine.engine.results import (
     CompactResult,
     DeleteResult,
+    LeaseInfo,
+    LeaseResult,
     PutResult,
     RangeResult,
     TxnResult,
@@ -44,15 +47,17 @@ from pykine.engine.watch import WatchHub, WatchStream
 log = logging.getLogger(__name__)
 
 
+# How often the expiry task looks for leases past their deadline.
+EXPIRY_INTERVAL = 0.25
+
+
 @dataclass(slots=True)
 class _Pending:
     request: Any
     future: asyncio.Future[Any]
-    reads: set[SnapshotRead]
-    leases: set[int]
-    # Reads history at a fixed revision: must be first in its batch so the
-    # prefetched history matches the state the request sees.
-    historical: bool
+    # A request that reads history at a fixed revision starts its own batch,
+    # so the history prefetched for the batch is what it must see.
+    reads: ReadSet
 
 
 class Engine:
@@ -80,11 +85,14 @@ class Engine:
     async def start(self) -> None:
         await self.backend.start()
         self.hub.start(*await self.backend.revisions())
+        # As etcd does on a restart, every lease gets its full TTL again.
+        await self.backend.renew_leases(time.time())
         target, done = await self.backend.compaction_progress()
         self._compact_target, self._compacted_through = target, done
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="pykine-writer"),
             asyncio.create_task(self._compact_loop(), name="pykine-compactor"),
+            asyncio.create_task(self._expiry_loop(), name="pykine-lease-expiry"),
         ]
         if target > done:
             self._compact_wake.set()
@@ -116,8 +124,8 @@ class Engine:
         if is_write(request):
             result: TxnResult = await self._submit(request)
             return result
-        reads: set[SnapshotRead] = set()
-        snapshot_reads(request, reads, set())
+        reads = ReadSet()
+        collect_reads(request, reads)
         try:
             snapshot = await self.backend.read_snapshot(reads)
         except Exception as exc:
@@ -149,17 +157,16 @@ class Engine:
         return result
 
     def _submit(self, request: Any) -> asyncio.Future[Any]:
-        reads: set[SnapshotRead] = set()
-        leases: set[int] = set()
-        historical = snapshot_reads(request, reads, leases)
+        reads = ReadSet()
+        collect_reads(request, reads)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(request, future, reads, leases, historical))
+        self._pending.append(_Pending(request, future, reads))
         self._wake.set()
         return future
 
     def _take_batch(self) -> list[_Pending]:
         batch = [self._pending.popleft()]
-        while self._pending and len(batch) < self._max_batch and not self._pending[0].historical:
+        while self._pending and len(batch) < self._max_batch and not self._pending[0].reads.historical:
             batch.append(self._pending.popleft())
         return batch
 
@@ -171,11 +178,9 @@ class Engine:
                 await self._commit(self._take_batch())
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        reads: set[SnapshotRead] = set()
-        leases: set[int] = set()
+        reads = ReadSet()
         for item in batch:
-            reads |= item.reads
-            leases |= item.leases
+            reads.update(item.reads)
 
         def plan(snapshot: Snapshot) -> tuple[WriteSet, list[WriteResult | EngineError]]:
             state = BatchState(snapshot)
@@ -184,7 +189,7 @@ class Engine:
 
         started = time.perf_counter()
         try:
-            write_set, outcomes = await self.backend.commit(reads, leases, plan)
+            write_set, outcomes = await self.backend.commit(reads, plan)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -210,6 +215,59 @@ class Engine:
         if write_set.compact_revision > self._compact_target:
             self._compact_target = write_set.compact_revision
             self._compact_wake.set()
+
+    # -- leases ---------------------------------------------------------------------
+
+    async def lease_grant(self, request: Any) -> LeaseResult:
+        result: LeaseResult = await self._submit(request)
+        return result
+
+    async def lease_revoke(self, request: Any) -> LeaseResult:
+        result: LeaseResult = await self._submit(request)
+        return result
+
+    async def lease_keep_alive(self, request: Any) -> LeaseResult:
+        result: LeaseResult = await self._submit(request)
+        return result
+
+    async def lease_time_to_live(self, request: Any) -> LeaseInfo:
+        try:
+            revision, lease, keys = await self.backend.read_lease(request.ID, request.keys)
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        if lease is None:
+            return LeaseInfo(revision, request.ID, -1, 0, [])
+        remaining = max(0, int(lease.expires_at - time.time()))
+        return LeaseInfo(revision, lease.id, remaining, lease.ttl, keys)
+
+    async def lease_ids(self) -> tuple[int, list[int]]:
+        try:
+            return await self.backend.lease_ids()
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+
+    async def _expiry_loop(self) -> None:
+        """Revoke leases past their deadline, found through the deadline index.
+
+        Each expiry goes through the write path and re-checks the deadline in
+        the write transaction, so a lease renewed meanwhile survives, and with
+        several instances only one of them deletes the keys.
+        """
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL)
+            now = time.time()
+            try:
+                due = await self.backend.due_leases(now, self._max_batch)
+            except Exception as exc:
+                log.error("looking for expired leases failed: %s", exc)
+                continue
+            if due:
+                outcomes = await asyncio.gather(
+                    *(self._submit(ExpireLease(lease_id, now)) for lease_id in due), return_exceptions=True
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, Exception):
+                        log.error("lease expiry failed: %s", outcome)
 
     # -- compaction -----------------------------------------------------------------
 

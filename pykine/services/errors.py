@@ -17,7 +17,9 @@ from pykine.engine.errors import (
     EngineError,
     FutureRevisionError,
     KeyNotFoundError,
+    LeaseExistsError,
     LeaseNotFoundError,
+    LeaseTTLTooLargeError,
     UnavailableError,
 )
 from pykine.services.handlers import MalformedRequest
@@ -47,12 +49,16 @@ ERR_REQUEST_TOO_LARGE = EtcdError(Code.INVALID_ARGUMENT, "etcdserver: request is
 ERR_COMPACTED = EtcdError(Code.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted")
 ERR_FUTURE_REV = EtcdError(Code.OUT_OF_RANGE, "etcdserver: mvcc: required revision is a future revision")
 ERR_LEASE_NOT_FOUND = EtcdError(Code.NOT_FOUND, "etcdserver: requested lease not found")
+ERR_LEASE_EXISTS = EtcdError(Code.FAILED_PRECONDITION, "etcdserver: lease already exists")
+ERR_LEASE_TTL_TOO_LARGE = EtcdError(Code.OUT_OF_RANGE, "etcdserver: too large lease TTL")
 
 ENGINE_ERRORS: dict[type[EngineError], EtcdError] = {
     CompactedError: ERR_COMPACTED,
     FutureRevisionError: ERR_FUTURE_REV,
     LeaseNotFoundError: ERR_LEASE_NOT_FOUND,
     KeyNotFoundError: ERR_KEY_NOT_FOUND,
+    LeaseExistsError: ERR_LEASE_EXISTS,
+    LeaseTTLTooLargeError: ERR_LEASE_TTL_TOO_LARGE,
 }
 
 
