@@ -168,14 +168,17 @@ class WatchStream:
                     yield reply
             if self._inbox or not self.synced:
                 continue  # more to do before waiting or reporting progress
+            # Every watcher has been sent everything up to this head. Take it
+            # once: new commits may land while the replies below are sent.
+            synced_through = self._hub.head
             if self._progress_requested:
                 self._progress_requested = False
-                yield WatchReply(-1, self._hub.head)
+                yield WatchReply(-1, synced_through)
             if loop.time() >= next_progress:
                 next_progress = loop.time() + self._progress_interval
                 for watcher in list(self._watchers.values()):
                     if watcher.progress_notify:
-                        yield WatchReply(watcher.watch_id, self._hub.head)
+                        yield WatchReply(watcher.watch_id, synced_through)
             if self._wake.is_set():
                 continue
             with contextlib.suppress(TimeoutError):
