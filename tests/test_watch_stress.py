@@ -678,6 +678,22 @@ def start_continuous_writers(
     return writers, pool, [pool.submit(writer.run, None, stop) for writer in writers]
 
 
+def check_stream(
+    name: str, specs: list[WatchSpec], created: list[Any], responses: list[Any], writers: list[Any]
+) -> tuple[dict[int, list[int]], list[Any]]:
+    """Every watcher of the stream got exactly its expected events; returns their revisions per watch id."""
+    check_headers(name, responses)
+    events = merged_events(writers)
+    carried = events_by_watcher(responses)
+    expected_revisions: dict[int, list[int]] = {}
+    for spec, response in zip(specs, created, strict=True):
+        expected = spec.expected(events, response.header.revision + 1)
+        label = f"{name} watch {response.watch_id} ({spec.key!r}..{spec.range_end!r})"
+        check_events(label, expected, [event for _, event in carried.get(response.watch_id, [])])
+        expected_revisions[response.watch_id] = [event.kv.mod_revision for event in expected]
+    return expected_revisions, events
+
+
 def test_request_progress_under_load_only_reports_delivered_revisions(pykine: PykineServer) -> None:
     """Every RequestProgress answer at P comes after every watched event at <= P, and P never goes back."""
     watch = PausableWatch(pykine.channel)
@@ -727,15 +743,7 @@ def test_request_progress_under_load_only_reports_delivered_revisions(pykine: Py
         time.sleep(0.3)
 
         responses = watch.responses()
-        check_headers("progress stream", responses)
-        events = merged_events(writers)
-        carried = events_by_watcher(responses)
-        expected_revisions: dict[int, list[int]] = {}
-        for spec, response in zip(specs, created, strict=True):
-            expected = spec.expected(events, response.header.revision + 1)
-            label = f"progress stream watch {response.watch_id} ({spec.key!r}..{spec.range_end!r})"
-            check_events(label, expected, [event for _, event in carried.get(response.watch_id, [])])
-            expected_revisions[response.watch_id] = [event.kv.mod_revision for event in expected]
+        expected_revisions, events = check_stream("progress stream", specs, created, responses, writers)
 
         ids = list(expected_revisions)
         violations, revisions = progress_violations(
@@ -789,15 +797,7 @@ def test_progress_notify_under_load_only_reports_delivered_revisions() -> None:
             time.sleep(0.3)
 
             responses = watch.responses()
-            check_headers("progress_notify stream", responses)
-            events = merged_events(writers)
-            carried = events_by_watcher(responses)
-            expected_revisions: dict[int, list[int]] = {}
-            for spec, response in zip(specs, created, strict=True):
-                expected = spec.expected(events, response.header.revision + 1)
-                label = f"progress_notify stream watch {response.watch_id} ({spec.key!r}..{spec.range_end!r})"
-                check_events(label, expected, [event for _, event in carried.get(response.watch_id, [])])
-                expected_revisions[response.watch_id] = [event.kv.mod_revision for event in expected]
+            expected_revisions, events = check_stream("progress_notify stream", specs, created, responses, writers)
 
             violations, _ = progress_violations(
                 responses, expected_revisions, lambda r: [r.watch_id] if is_watcher_progress(r) else []
