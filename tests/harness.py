@@ -241,13 +241,15 @@ def pair(*pykine_args: str, etcd_args: tuple[str, ...] = ()) -> Iterator[Pair]:
         servers.stop()
 
 
-class WatchSession:
-    """One Watch stream: requests go in through a queue, a thread reads the responses."""
+class BidiStream:
+    """A bidirectional gRPC stream: requests go in through a queue, a thread reads the responses."""
 
-    def __init__(self, server: Server, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
+    kind = "stream"
+
+    def __init__(self, open_call: Any, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
         self._requests: queue.Queue[Any] = queue.Queue()
         self.responses: queue.Queue[Any] = queue.Queue()
-        self._call = server.stub("Watch").Watch(self._feed(), metadata=metadata)
+        self._call = open_call(self._feed(), metadata=metadata)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -265,6 +267,29 @@ class WatchSession:
     def send(self, request: Any) -> None:
         self._requests.put(request)
 
+    def next(self, timeout: float = 10) -> Any:
+        """The next response; fails the test if none comes in time or the stream broke."""
+        try:
+            response = self.responses.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no {self.kind} response within {timeout}s") from None
+        if isinstance(response, grpc.RpcError):
+            raise AssertionError(f"{self.kind} stream failed: {response.code()} {response.details()}")
+        return response
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._requests.put(None)
+
+
+class WatchSession(BidiStream):
+    """One Watch stream."""
+
+    kind = "watch"
+
+    def __init__(self, server: Server, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
+        super().__init__(server.stub("Watch").Watch, metadata)
+
     def create(self, **options: Any) -> None:
         self.send(pb.WatchRequest(create_request=pb.WatchCreateRequest(**options)))
 
@@ -273,16 +298,6 @@ class WatchSession:
 
     def request_progress(self) -> None:
         self.send(pb.WatchRequest(progress_request=pb.WatchProgressRequest()))
-
-    def next(self, timeout: float = 10) -> Any:
-        """The next response; fails the test if none comes in time or the stream broke."""
-        try:
-            response = self.responses.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no watch response within {timeout}s") from None
-        if isinstance(response, grpc.RpcError):
-            raise AssertionError(f"watch stream failed: {response.code()} {response.details()}")
-        return response
 
     def drain(self, quiet: float = 0.3, limit: float = 10.0) -> list[Any]:
         """Every response that arrives until the stream is quiet for `quiet` seconds (or `limit` passes)."""
@@ -298,6 +313,16 @@ class WatchSession:
             got.append(response)
         return got
 
-    def close(self) -> None:
-        self._call.cancel()
-        self._requests.put(None)
+
+class KeepAliveStream(BidiStream):
+    """One LeaseKeepAlive stream; it answers requests in order."""
+
+    kind = "keep-alive"
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server.stub("Lease").LeaseKeepAlive)
+
+    def keep_alive(self, lease_id: int, timeout: float = 10) -> Any:
+        """Renew one lease and wait for its answer."""
+        self.send(pb.LeaseKeepAliveRequest(ID=lease_id))
+        return self.next(timeout)

@@ -504,3 +504,19 @@ def test_health_service_serving(servers: Pair) -> None:
     stub = health_pb2_grpc.HealthStub(servers.pykine.channel)
     response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_put_then_delete_of_one_key_in_one_revision(servers: Pair) -> None:
+    """Sibling nested txns may put a key and then delete it: two changes of one key at one revision."""
+    servers.kv("Put", pb.PutRequest(key=b"k", value=b"before"))
+    response = servers.kv(
+        "Txn",
+        txn([], [nested(txn([], [put(b"k", b"during"), put(b"n", b"new")])), nested(txn([], [delete(b"k")]))]),
+    )
+    revision = response.header.revision
+    servers.kv("Put", pb.PutRequest(key=b"later", value=b"x"))
+    for at in (revision - 1, revision, revision + 1):
+        servers.kv("Range", Range(key=b"\x00", range_end=b"\x00", revision=at))
+    servers.kv("Compact", pb.CompactionRequest(revision=revision, physical=True))
+    servers.kv("Range", Range(key=b"\x00", range_end=b"\x00", revision=revision))
+    servers.kv("Range", Range(key=b"\x00", range_end=b"\x00"))

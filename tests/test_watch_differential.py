@@ -240,3 +240,15 @@ def test_watchers_on_several_streams(servers: Pair) -> None:
     finally:
         for group in groups:
             group.close()
+
+
+def test_put_then_delete_in_one_revision_reports_the_state_before_it(servers: Pair, streams: Streams) -> None:
+    """etcd's prev_kv is the key at revision - 1, not the put earlier in the same txn."""
+    put(servers, b"k", b"before")
+    streams.create(key=b"\x00", range_end=b"\x00", prev_kv=True)
+    streams.same()
+    nested_put = pb.RequestOp(request_txn=pb.TxnRequest(success=[put_op(b"k", b"during"), put_op(b"n", b"new")]))
+    nested_delete = pb.RequestOp(request_txn=pb.TxnRequest(success=[delete_op(b"k"), delete_op(b"n")]))
+    txn(servers, nested_put, nested_delete)
+    [response] = streams.same()[0]
+    assert [event.prev_kv.value for event in response.events] == [b"before", b"", b"before", b""]

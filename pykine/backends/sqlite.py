@@ -88,13 +88,14 @@ INITIAL_META = {
 KV_COLUMNS = "key, create_revision, mod_revision, version, value, lease"
 KEYS_ONLY_COLUMNS = "key, create_revision, mod_revision, version, x'', lease"
 
-# The state at revision R: for each key the newest history row at or below R
-# (SQLite takes bare columns from the row that holds the max()).
+# The state at revision R: for each key the newest history row at or below R.
+# One revision can hold two rows of a key (a txn that puts, then deletes it),
+# so "newest" orders by (revision, sub).
 STATE_AT = """(
     SELECT key, create_revision, revision AS mod_revision, version, value, lease, deleted,
-           max(revision)
-    FROM kv_history WHERE {span} AND revision <= ? GROUP BY key
-) WHERE deleted = 0"""
+           row_number() OVER (PARTITION BY key ORDER BY revision DESC, sub DESC) AS newest
+    FROM kv_history WHERE {span} AND revision <= ?
+) WHERE newest = 1 AND deleted = 0"""
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -452,7 +453,8 @@ class SQLiteBackend(Backend):
                 conn.execute(
                     "DELETE FROM kv_history WHERE (revision, sub) IN ("
                     " SELECT old.revision, old.sub FROM kv_history AS cur"
-                    " JOIN kv_history AS old ON old.key = cur.key AND old.revision < cur.revision"
+                    " JOIN kv_history AS old ON old.key = cur.key"
+                    " AND (old.revision < cur.revision OR (old.revision = cur.revision AND old.sub < cur.sub))"
                     " WHERE cur.revision > ? AND cur.revision <= ?)",
                     (done, upto),
                 )

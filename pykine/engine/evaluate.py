@@ -265,11 +265,20 @@ def collect_reads(request: Any, reads: ReadSet) -> None:
 class _Revisioning:
     """Revision bookkeeping for one request: etcd's storeTxnWrite."""
 
-    __slots__ = ("begin", "sub")
+    __slots__ = ("before", "begin", "sub")
 
     def __init__(self, begin: int) -> None:
         self.begin = begin
         self.sub = 0
+        # Each changed key's row before this revision: watch events report it
+        # as prev_kv (etcd reads it at revision - 1), even if an earlier op of
+        # the same txn changed the key already.
+        self.before: dict[bytes, KeyValueRow | None] = {}
+
+    def record(self, changes: list[Change], row: KeyValueRow, deleted: bool, current: KeyValueRow | None) -> None:
+        prev = self.before.setdefault(row.key, current)
+        changes.append(Change(row, self.sub, deleted, prev))
+        self.sub += 1
 
     @property
     def changed(self) -> bool:
@@ -407,8 +416,7 @@ class BatchState:
             prev.lease if request.ignore_lease and prev else request.lease,
         )
         self.kvs[request.key] = row
-        self.changes.append(Change(row, rev.sub, False, prev))
-        rev.sub += 1
+        rev.record(self.changes, row, False, prev)
         return PutResult(revision, prev if request.prev_kv else None)
 
     def _delete(self, rev: _Revisioning, request: Any) -> DeleteResult:
@@ -419,9 +427,7 @@ class BatchState:
 
     def _delete_key(self, rev: _Revisioning, key: bytes) -> None:
         row = self.kvs.pop(key)
-        tombstone = KeyValueRow(key, 0, rev.begin + 1, 0, b"", 0)
-        self.changes.append(Change(tombstone, rev.sub, True, row))
-        rev.sub += 1
+        rev.record(self.changes, KeyValueRow(key, 0, rev.begin + 1, 0, b"", 0), True, row)
 
     def _single_key_txn(self, request: Any, key: bytes) -> TxnResult:
         """etcd's txn rules, specialised to one compare and plain ops on one key."""
