@@ -13,16 +13,18 @@ test: system-deps $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pykine tests
-	$(BIN)/ruff format --check pykine tests
+	$(BIN)/ruff check pykine tests bench
+	$(BIN)/ruff format --check pykine tests bench
 
 # Regenerate the Python code for the wire declarations in pykine/wire/*.proto.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		pykine/wire/kv.proto pykine/wire/rpc.proto
 
-bench:
-	@echo "make bench: not yet (the benchmark against real etcd is issue 5)"
+# pykine against real etcd with Kubernetes' request shapes (bench/run.py --help for the knobs,
+# e.g. make bench BENCH_ARGS="--objects 200 --clients 4"); writes bench/results/<date>.json.
+bench: system-deps $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Real etcd and etcdctl for the differential tests, and Go with the real etcd
 # Go client's source for the Go client tests, all from Debian.

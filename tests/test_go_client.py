@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +19,10 @@ from typing import Any
 import pytest
 from harness import ROOT, Server, pair
 
+from bench import gobuild
+
 SOURCE = Path(ROOT) / "tests" / "go" / "watchprobe" / "main.go"
-GOCODE = Path("/usr/share/gocode")
-CLIENTV3 = GOCODE / "src" / "go.etcd.io" / "etcd" / "clientv3"
 # Build cache outside the repository, kept between sessions so later builds take seconds.
-GOCACHE = os.environ.get("GOCACHE") or os.path.join(tempfile.gettempdir(), "pykine-go-build-cache")
 # Header fields that name a cluster, not the data; raft_term is raft bookkeeping pykine has none of.
 IDENTITY_FIELDS = ("cluster_id", "member_id", "raft_term")
 # etcd's default periodic progress-notify interval; pykine's own default is shorter, so pin both.
@@ -34,31 +30,12 @@ QUIET_INTERVAL = "10m"
 
 
 @pytest.fixture(scope="session")
-def watchprobe(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Build the probe into a temporary GOPATH; a missing toolchain fails, it never skips."""
-    go = shutil.which("go")
-    if go is None:
-        pytest.fail("`go` is not installed: the Go client tests need golang-go and golang-etcd-server-dev")
-    if not CLIENTV3.is_dir():
-        pytest.fail(f"{CLIENTV3} is missing: the Go client tests need golang-etcd-server-dev")
-    gopath = tmp_path_factory.mktemp("gopath")
-    package = gopath / "src" / "watchprobe"
-    package.mkdir(parents=True)
-    shutil.copy(SOURCE, package / "main.go")
-    binary = gopath / "bin" / "watchprobe"
-    env = dict(os.environ)
-    env.update(GO111MODULE="off", GOPATH=f"{gopath}{os.pathsep}{GOCODE}", GOCACHE=GOCACHE, GOFLAGS="", GOPROXY="off")
-    built = subprocess.run(
-        [go, "build", "-o", str(binary), "watchprobe"],
-        cwd=gopath,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert built.returncode == 0, f"go build of {SOURCE} failed:\n{built.stdout}\n{built.stderr}"
-    return str(binary)
+def watchprobe() -> str:
+    """Build the probe (cached by its source's hash); a missing toolchain fails, it never skips."""
+    try:
+        return str(gobuild.build(SOURCE, "watchprobe", timeout=280))
+    except gobuild.GoBuildError as error:
+        pytest.fail(str(error))
 
 
 @dataclass
