@@ -50,8 +50,9 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB NOT NULL,
     lease INTEGER NOT NULL
 ) WITHOUT ROWID;
--- Keys alone: exact counts read this small index instead of rows with values.
-CREATE INDEX IF NOT EXISTS kv_keys ON kv (key);
+-- Keys and revisions alone: exact counts, at the current revision or an older
+-- one, read this small index instead of rows with their values.
+CREATE INDEX IF NOT EXISTS kv_keys ON kv (key, mod_revision);
 
 -- Every change: one row per key per revision; deleted rows are tombstones.
 CREATE TABLE IF NOT EXISTS kv_history (
@@ -92,14 +93,30 @@ KEYS_ONLY_COLUMNS = "key, create_revision, mod_revision, version, x'', lease"
 GET_COLUMNS = "kv.key, kv.create_revision, kv.mod_revision, kv.version, kv.value, kv.lease"
 KEYS_ONLY_GET_COLUMNS = "kv.key, kv.create_revision, kv.mod_revision, kv.version, x'', kv.lease"
 
-# The state at revision R: for each key the newest history row at or below R.
-# One revision can hold two rows of a key (a txn that puts, then deletes it),
-# so "newest" orders by (revision, sub).
+# The state at an older revision R, in proportion to what changed since R
+# rather than to the whole history: the live rows not changed after R, plus,
+# for each key changed after R, its newest history row at or below R unless
+# that is a tombstone. "Newest" orders by (revision, sub): one revision can
+# hold two rows of a key (a txn that puts, then deletes it). Parameters:
+# span, R, R, span, R. It ends in a WHERE clause that filters extend with AND.
 STATE_AT = """(
-    SELECT key, create_revision, revision AS mod_revision, version, value, lease, deleted,
-           row_number() OVER (PARTITION BY key ORDER BY revision DESC, sub DESC) AS newest
-    FROM kv_history WHERE {span} AND revision <= ?
-) WHERE newest = 1 AND deleted = 0"""
+    SELECT key, create_revision, mod_revision, version, value, lease FROM kv
+    WHERE {span} AND mod_revision <= ?
+    UNION ALL
+    SELECT old.key, old.create_revision, old.revision, old.version, old.value, old.lease
+    FROM (SELECT DISTINCT key FROM kv_history WHERE revision > ? AND {span}) AS changed
+    JOIN kv_history AS old ON old.key = changed.key
+    WHERE (old.revision, old.sub) = (
+        SELECT revision, sub FROM kv_history
+        WHERE key = changed.key AND revision <= ? ORDER BY revision DESC, sub DESC LIMIT 1
+    ) AND old.deleted = 0
+) WHERE 1"""
+
+
+def _state_at(span: KeySpan, revision: int) -> tuple[str, list[Any]]:
+    where, params = _span_sql(span)
+    return STATE_AT.format(span=where), [*params, revision, revision, *params, revision]
+
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -268,12 +285,11 @@ class SQLiteBackend(Backend):
         revision, compact = self._revisions(conn)
         if query.revision > revision or 0 < query.revision < compact or query.span.empty:
             return RangeRows(revision, compact, [], 0)
-        span, params = _span_sql(query.span)
         # Both sources end in a WHERE clause that filters can extend with AND.
         if query.revision and query.revision < revision:
-            source = STATE_AT.format(span=span)
-            params.append(query.revision)
+            source, params = _state_at(query.span, query.revision)
         else:
+            span, params = _span_sql(query.span)
             source = f"kv WHERE {span}"
         count = 0
         if query.count_only or query.need_count:
@@ -303,9 +319,9 @@ class SQLiteBackend(Backend):
         for read in reads.spans:
             if read.revision and read.revision < revision:
                 if read.revision >= compact and not read.span.empty:
-                    span, params = _span_sql(read.span)
-                    sql = f"SELECT {KV_COLUMNS} FROM {STATE_AT.format(span=span)} ORDER BY key"
-                    history[read] = list(map(KeyValueRow._make, conn.execute(sql, [*params, read.revision])))
+                    source, params = _state_at(read.span, read.revision)
+                    sql = f"SELECT {KV_COLUMNS} FROM {source} ORDER BY key"
+                    history[read] = list(map(KeyValueRow._make, conn.execute(sql, params)))
             elif read.span.single_key:
                 singles.append(read.span.start)
             elif not read.span.empty:
