@@ -97,14 +97,17 @@ KEYS_ONLY_GET_COLUMNS = "kv.key, kv.create_revision, kv.mod_revision, kv.version
 # rather than to the whole history: the live rows not changed after R, plus,
 # for each key changed after R, its newest history row at or below R unless
 # that is a tombstone. "Newest" orders by (revision, sub): one revision can
-# hold two rows of a key (a txn that puts, then deletes it). Parameters:
-# span, R, R, span, R. It ends in a WHERE clause that filters extend with AND.
+# hold two rows of a key (a txn that puts, then deletes it). The keys changed
+# since R come from the primary key's revision range: the bounded BETWEEN and
+# the unary + on key steer SQLite's planner away from scanning the span in
+# the key index, which would cost the span's whole history.
+# It ends in a WHERE clause that filters extend with AND.
 STATE_AT = """(
     SELECT key, create_revision, mod_revision, version, value, lease FROM kv
     WHERE {span} AND mod_revision <= ?
     UNION ALL
     SELECT old.key, old.create_revision, old.revision, old.version, old.value, old.lease
-    FROM (SELECT DISTINCT key FROM kv_history WHERE revision > ? AND {span}) AS changed
+    FROM (SELECT DISTINCT key FROM kv_history WHERE revision > ? AND revision <= ? AND {changed_span}) AS changed
     JOIN kv_history AS old ON old.key = changed.key
     WHERE (old.revision, old.sub) = (
         SELECT revision, sub FROM kv_history
@@ -113,9 +116,11 @@ STATE_AT = """(
 ) WHERE 1"""
 
 
-def _state_at(span: KeySpan, revision: int) -> tuple[str, list[Any]]:
+def _state_at(span: KeySpan, revision: int, current: int) -> tuple[str, list[Any]]:
     where, params = _span_sql(span)
-    return STATE_AT.format(span=where), [*params, revision, revision, *params, revision]
+    changed_where, _ = _span_sql(span, "+key")
+    sql = STATE_AT.format(span=where, changed_span=changed_where)
+    return sql, [*params, revision, revision, current, *params, revision]
 
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -287,7 +292,7 @@ class SQLiteBackend(Backend):
             return RangeRows(revision, compact, [], 0)
         # Both sources end in a WHERE clause that filters can extend with AND.
         if query.revision and query.revision < revision:
-            source, params = _state_at(query.span, query.revision)
+            source, params = _state_at(query.span, query.revision, revision)
         else:
             span, params = _span_sql(query.span)
             source = f"kv WHERE {span}"
@@ -319,7 +324,7 @@ class SQLiteBackend(Backend):
         for read in reads.spans:
             if read.revision and read.revision < revision:
                 if read.revision >= compact and not read.span.empty:
-                    source, params = _state_at(read.span, read.revision)
+                    source, params = _state_at(read.span, read.revision, revision)
                     sql = f"SELECT {KV_COLUMNS} FROM {source} ORDER BY key"
                     history[read] = list(map(KeyValueRow._make, conn.execute(sql, params)))
             elif read.span.single_key:
