@@ -678,6 +678,21 @@ def start_continuous_writers(
     return writers, pool, [pool.submit(writer.run, None, stop) for writer in writers]
 
 
+def stop_writers_then_progress(
+    watch: Any, stop: threading.Event, futures: list[Any], pool: Any, writers: list[Any]
+) -> int:
+    """Stop the writers, then ask for progress once more; returns the last revision written."""
+    stop.set()
+    for future in futures:
+        future.result(timeout=60)
+    pool.shutdown()
+    answered = watch.progress_count
+    watch.request_progress()
+    assert watch.wait_until(lambda: watch.progress_count > answered, 30), "final RequestProgress not answered"
+    time.sleep(0.3)
+    return max(writer.last_revision for writer in writers)
+
+
 def check_stream(
     name: str, specs: list[WatchSpec], created: list[Any], responses: list[Any], writers: list[Any]
 ) -> tuple[dict[int, list[int]], list[Any]]:
@@ -732,15 +747,7 @@ def test_request_progress_under_load_only_reports_delivered_revisions(pykine: Py
         time.sleep(0.3)
         burst_answers = watch.progress_count - before_burst
 
-        stop.set()
-        for future in futures:
-            future.result(timeout=60)
-        pool.shutdown()
-        final = max(writer.last_revision for writer in writers)
-        answered = watch.progress_count
-        watch.request_progress()
-        assert watch.wait_until(lambda: watch.progress_count > answered, 30), "final RequestProgress not answered"
-        time.sleep(0.3)
+        final = stop_writers_then_progress(watch, stop, futures, pool, writers)
 
         responses = watch.responses()
         expected_revisions, events = check_stream("progress stream", specs, created, responses, writers)
@@ -786,15 +793,7 @@ def test_progress_notify_under_load_only_reports_delivered_revisions() -> None:
             prefixes = [b"p/0/", b"p/1/", b"q/0/", b"r/0/", b"z/0/"]
             writers, pool, futures = start_continuous_writers(server, prefixes, stop)
             time.sleep(4)
-            stop.set()
-            for future in futures:
-                future.result(timeout=60)
-            pool.shutdown()
-            final = max(writer.last_revision for writer in writers)
-            answered = watch.progress_count
-            watch.request_progress()
-            assert watch.wait_until(lambda: watch.progress_count > answered, 30), "final RequestProgress not answered"
-            time.sleep(0.3)
+            final = stop_writers_then_progress(watch, stop, futures, pool, writers)
 
             responses = watch.responses()
             expected_revisions, events = check_stream("progress_notify stream", specs, created, responses, writers)
