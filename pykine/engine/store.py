@@ -31,7 +31,7 @@ from pykine.engine.evaluate import (
     is_write,
     range_query,
 )
-from pykine.engine.records import ReadSet, Snapshot, WriteSet
+from pykine.engine.records import Change, KeySpan, ReadSet, Snapshot, WriteSet
 from pykine.engine.results import (
     CompactResult,
     DeleteResult,
@@ -42,13 +42,16 @@ from pykine.engine.results import (
     TxnResult,
     WriteResult,
 )
-from pykine.engine.watch import WatchHub, WatchStream
+from pykine.engine.watch import CATCH_UP_REVISIONS, WatchHub, WatchStream
 
 log = logging.getLogger(__name__)
 
 
 # How often the expiry task looks for leases past their deadline.
 EXPIRY_INTERVAL = 0.25
+# How often the hub looks for commits made by other processes on the datastore.
+FEED_INTERVAL = 0.02
+EVERYTHING = KeySpan(b"\x00", None)
 
 
 @dataclass(slots=True)
@@ -71,6 +74,8 @@ class Engine:
     ) -> None:
         self.backend = backend
         self.hub = WatchHub()
+        # Serialises advancing the hub between local commits and the feed.
+        self._hub_lock = asyncio.Lock()
         self._progress_interval = progress_interval
         self._max_batch = max_batch
         self._compact_batch_size = compact_batch_size
@@ -93,6 +98,7 @@ class Engine:
             asyncio.create_task(self._write_loop(), name="pykine-writer"),
             asyncio.create_task(self._compact_loop(), name="pykine-compactor"),
             asyncio.create_task(self._expiry_loop(), name="pykine-lease-expiry"),
+            asyncio.create_task(self._feed_loop(), name="pykine-watch-feed"),
         ]
         if target > done:
             self._compact_wake.set()
@@ -202,9 +208,9 @@ class Engine:
         metrics.WRITE_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.WRITE_BATCH_REQUESTS.observe(len(batch))
         # Watchers hear of a commit before its writers are answered.
-        self.hub.compact_revision = write_set.compact_revision
+        self.hub.compact_revision = max(self.hub.compact_revision, write_set.compact_revision)
         if write_set.changes:
-            self.hub.publish(write_set.changes)
+            await self._publish(write_set.changes)
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.future.done():
                 continue
@@ -215,6 +221,43 @@ class Engine:
         if write_set.compact_revision > self._compact_target:
             self._compact_target = write_set.compact_revision
             self._compact_wake.set()
+
+    # -- the watch hub's feed -----------------------------------------------------------
+
+    async def _publish(self, changes: list[Change]) -> None:
+        """Publish a local commit, after any commits of other processes before it."""
+        async with self._hub_lock:
+            await self._catch_up_hub(changes[0].kv.mod_revision - 1)
+            if self.hub.head < changes[-1].kv.mod_revision:
+                self.hub.publish(changes)
+
+    async def _catch_up_hub(self, revision: int) -> None:
+        """Publish commits up to `revision` that this process did not make, from the datastore."""
+        while self.hub.head < revision:
+            last = min(revision, self.hub.head + CATCH_UP_REVISIONS)
+            history = await self.backend.read_history(self.hub.head + 1, last, EVERYTHING)
+            if self.hub.head + 1 < history.compact_revision:
+                self.hub.compact_revision = max(self.hub.compact_revision, history.compact_revision)
+                self.hub.reset(revision)
+                return
+            if history.changes:
+                self.hub.publish(history.changes)
+            self.hub.head = last
+
+    async def _feed_loop(self) -> None:
+        """Follow commits other processes make on a shared datastore, in revision order."""
+        while True:
+            await asyncio.sleep(FEED_INTERVAL)
+            try:
+                revision, compact = await self.backend.revisions()
+                self.hub.compact_revision = max(self.hub.compact_revision, compact)
+                if revision > self.hub.head:
+                    async with self._hub_lock:
+                        await self._catch_up_hub(revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("following the datastore's commits failed: %s", exc)
 
     # -- leases ---------------------------------------------------------------------
 

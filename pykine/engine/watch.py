@@ -81,6 +81,18 @@ class WatchHub:
         for listener in self._listeners:
             listener.set()
 
+    def reset(self, revision: int) -> None:
+        """Jump to `revision` when the revisions before it can no longer be read.
+
+        The ring is emptied, so every watcher still behind goes to the
+        datastore, finds its events compacted and is canceled, as in etcd.
+        """
+        self._ring.clear()
+        self._ring_bytes = 0
+        self.head = revision
+        for listener in self._listeners:
+            listener.set()
+
     def since(self, first: int, last: int) -> list[tuple[int, list[Change]]]:
         """Ring entries with first <= revision <= last; first must be in the ring."""
         start = first - self.first_revision
