@@ -138,35 +138,65 @@ class PykineSpec(ServerSpec):
 SERVERS: list[ServerSpec] = [
     EtcdSpec("etcd", "etcd 3.4 (Debian), one member, data in a temporary directory"),
     PykineSpec("pykine", "pykine on SQLite (WAL, synchronous=FULL), file in a temporary directory"),
+    PykineSpec(
+        "pykine-2w",
+        "pykine on SQLite with --workers 2: two serving processes on one port and one file",
+        args=("--workers=2",),
+    ),
 ]
 
 
 # --- process sampling --------------------------------------------------------------------------
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and all its descendants (a server may run workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(children.get(current, []))
+    return tree
+
+
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM and friends from /proc/<pid>/status, in bytes; empty once the process is gone."""
+    """VmRSS, VmHWM and friends in bytes, summed over the process tree; empty once it is gone."""
     values: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                name, _, rest = line.partition(":")
-                parts = rest.split()
-                if name.startswith("Vm") and len(parts) == 2 and parts[1] == "kB":
-                    values[name] = int(parts[0]) * 1024
-    except OSError:
-        pass
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as status:
+                for line in status:
+                    name, _, rest = line.partition(":")
+                    parts = rest.split()
+                    if name.startswith("Vm") and len(parts) == 2 and parts[1] == "kB":
+                        values[name] = values.get(name, 0) + int(parts[0]) * 1024
+        except OSError:
+            pass
     return values
 
 
 def proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a live process from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a live process tree from /proc/<pid>/stat."""
+    total, seen = 0.0, False
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seen = True
+    return total if seen else None
 
 
 class RssSampler(threading.Thread):

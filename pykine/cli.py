@@ -39,6 +39,9 @@ class Settings:
     compact_batch_size: int
     metrics_bind_address: str
     watch_progress_notify_interval: float
+    workers: int
+    # Set by the supervisor for its workers: they share one port on purpose.
+    reuse_port: bool
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("watch-progress-notify-interval") or "5s",
         help="how often watches that asked for progress notifications get one (default 5s)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_env("workers") or "1",
+        help="serving processes sharing the port and the datastore (default 1)",
+    )
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"pykine {__version__}")
     return parser
 
@@ -154,11 +164,18 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         compact_batch_size=args.compact_batch_size,
         metrics_bind_address=args.metrics_bind_address,
         watch_progress_notify_interval=args.watch_progress_notify_interval,
+        workers=args.workers,
+        reuse_port=args.reuse_port,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
+    if settings.workers > 1:
+        from pykine.workers import supervise
+
+        supervise(settings, sys.argv[1:] if argv is None else argv)
+        return
     from pykine.server import run
 
     run(settings)

@@ -80,7 +80,8 @@ def member_id(cluster_id: int, url: str) -> int:
 
 
 async def serve(settings: Settings) -> None:
-    check_listen_address(settings.listen_address)
+    if not settings.reuse_port:
+        check_listen_address(settings.listen_address)
     address = grpc_address(settings.listen_address)
     if settings.metrics_bind_address:
         try:
@@ -101,8 +102,9 @@ async def serve(settings: Settings) -> None:
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            # Two servers on one port would split clients between datastores.
-            ("grpc.so_reuseport", 0),
+            # Two servers on one port would split clients between datastores;
+            # only the workers of one supervisor share a port, on purpose.
+            ("grpc.so_reuseport", int(settings.reuse_port)),
         ]
     )
     try:
