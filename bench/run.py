@@ -530,7 +530,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [spec.name for spec in SERVERS]
     parser.add_argument(
         "--servers",
-        default=",".join(names),
+        default="etcd,pykine",
         help=f"comma-separated, in order; the first is the baseline (known: {', '.join(names)})",
     )
     parser.add_argument("--out", type=Path, help="results file (default: bench/results/<YYYY-MM-DD>.json)")
