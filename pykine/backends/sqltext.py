@@ -1,0 +1,291 @@
+"""The SQL pykine's relational backends run, written once for every dialect.
+
+The statements use only SQL that SQLite and PostgreSQL both accept; the few
+places where dialects differ (parameter marker, an empty byte string, a
+planner hint, upserts) come from a Dialect. Statements are written with `?`
+markers and translated once per dialect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from pykine.engine.records import KeySpan, RangeQuery
+
+SCHEMA_VERSION = 1
+
+# Revision 1 is the empty store, as in etcd; -1 means never compacted.
+INITIAL_META = {
+    "schema_version": SCHEMA_VERSION,
+    "revision": 1,
+    "compact_revision": -1,
+    "compacted_through": 0,
+}
+
+KV_FIELDS = ("key", "create_revision", "mod_revision", "version", "value", "lease")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    marker: str
+    # A zero-length byte string literal.
+    empty_bytes: str
+    # The key column written so the planner will not pick the key index for it.
+    unindexed_key: str
+    # Types in the schema.
+    bytes_type: str
+    integer_type: str
+    real_type: str
+    # A clause after a table's closing parenthesis (SQLite: WITHOUT ROWID).
+    clustered: str
+
+
+SQLITE = Dialect("sqlite", "?", "x''", "+key", "BLOB", "INTEGER", "REAL", " WITHOUT ROWID")
+POSTGRES = Dialect("postgres", "%s", "'\\x'::bytea", "key", "BYTEA", "BIGINT", "DOUBLE PRECISION", "")
+
+
+class Statements:
+    """Every statement, in one dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", self.dialect.marker) if self.dialect.marker != "?" else text
+
+    # -- schema ------------------------------------------------------------------
+
+    @cached_property
+    def schema(self) -> list[str]:
+        d = self.dialect
+        b, i = d.bytes_type, d.integer_type
+        return [
+            f"CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value {i} NOT NULL){d.clustered}",
+            # The live state: one row per existing key.
+            f"CREATE TABLE IF NOT EXISTS kv (key {b} PRIMARY KEY, create_revision {i} NOT NULL,"
+            f" mod_revision {i} NOT NULL, version {i} NOT NULL, value {b} NOT NULL, lease {i} NOT NULL){d.clustered}",
+            # Keys and revisions alone: exact counts read this small index instead of rows with values.
+            "CREATE INDEX IF NOT EXISTS kv_keys ON kv (key, mod_revision)",
+            # Keys by lease, for revoke and expiry: cost follows the lease's keys only.
+            "CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease != 0",
+            # Every change: one row per key per revision; deleted rows are tombstones.
+            f"CREATE TABLE IF NOT EXISTS kv_history (revision {i} NOT NULL, sub {i} NOT NULL, key {b} NOT NULL,"
+            f" create_revision {i} NOT NULL, version {i} NOT NULL, value {b} NOT NULL, lease {i} NOT NULL,"
+            f" deleted {i} NOT NULL, prev_revision {i} NOT NULL, PRIMARY KEY (revision, sub)){d.clustered}",
+            "CREATE INDEX IF NOT EXISTS kv_history_key ON kv_history (key, revision)",
+            f"CREATE TABLE IF NOT EXISTS lease (id {i} PRIMARY KEY, ttl {i} NOT NULL,"
+            f" expires_at {d.real_type} NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS lease_expiry ON lease (expires_at)",
+        ]
+
+    # -- pieces ------------------------------------------------------------------
+
+    @staticmethod
+    def span(span: KeySpan, column: str = "key") -> tuple[str, list[Any]]:
+        if span.single_key:
+            return f"{column} = ?", [span.start]
+        if span.end is None:
+            return f"{column} >= ?", [span.start]
+        return f"{column} >= ? AND {column} < ?", [span.start, span.end]
+
+    @staticmethod
+    def filters(query: RangeQuery) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, op, bound in (
+            ("mod_revision", ">=", query.min_mod_revision),
+            ("mod_revision", "<=", query.max_mod_revision),
+            ("create_revision", ">=", query.min_create_revision),
+            ("create_revision", "<=", query.max_create_revision),
+        ):
+            if bound:
+                clauses.append(f" AND {column} {op} ?")
+                params.append(bound)
+        return "".join(clauses), params
+
+    @staticmethod
+    def order(query: RangeQuery) -> str:
+        if query.sort is None:
+            return " ORDER BY key"
+        direction = "DESC" if query.sort.descending else "ASC"
+        if query.sort.field == "key":
+            return f" ORDER BY key {direction}"
+        return f" ORDER BY {query.sort.field} {direction}, key"
+
+    def columns(self, keys_only: bool, table: str = "") -> str:
+        prefix = f"{table}." if table else ""
+        return ", ".join(
+            self.dialect.empty_bytes if keys_only and field == "value" else prefix + field for field in KV_FIELDS
+        )
+
+    def state_at(self, span: KeySpan, revision: int, current: int) -> tuple[str, list[Any]]:
+        """The state at an older revision R, in proportion to what changed since R.
+
+        The live rows not changed after R, plus, for each key changed after R,
+        its newest history row at or below R unless that is a tombstone.
+        "Newest" orders by (revision, sub): one revision can hold two rows of
+        a key (a txn that puts, then deletes it). The keys changed since R
+        come from the primary key's revision range: the bounded range and the
+        unindexed key keep planners from scanning the span's whole history
+        in the key index. The source ends in a WHERE clause filters extend.
+        """
+        where, params = self.span(span)
+        changed_where, _ = self.span(span, self.dialect.unindexed_key)
+        source = f"""(
+            SELECT key, create_revision, mod_revision, version, value, lease FROM kv
+            WHERE {where} AND mod_revision <= ?
+            UNION ALL
+            SELECT old.key, old.create_revision, old.revision, old.version, old.value, old.lease
+            FROM (SELECT DISTINCT key FROM kv_history WHERE revision > ? AND revision <= ? AND {changed_where})
+                AS changed
+            JOIN kv_history AS old ON old.key = changed.key
+            WHERE (old.revision, old.sub) = (
+                SELECT revision, sub FROM kv_history
+                WHERE key = changed.key AND revision <= ? ORDER BY revision DESC, sub DESC LIMIT 1
+            ) AND old.deleted = 0
+        ) AS state WHERE TRUE"""
+        return source, [*params, revision, revision, current, *params, revision]
+
+    # -- statements ------------------------------------------------------------------
+
+    @cached_property
+    def revisions(self) -> str:
+        return "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')"
+
+    @cached_property
+    def meta(self) -> str:
+        return self.sql("SELECT value FROM meta WHERE name = ?")
+
+    @cached_property
+    def set_meta(self) -> str:
+        return self.sql("UPDATE meta SET value = ? WHERE name = ?")
+
+    @cached_property
+    def insert_meta(self) -> str:
+        return self.sql("INSERT INTO meta (name, value) VALUES (?, ?)")
+
+    def get(self, keys_only: bool) -> str:
+        """One key at the current revision, with both revisions: one statement, so one snapshot."""
+        return self.sql(
+            f"SELECT revision.value, compact.value, {self.columns(keys_only, 'kv')}"
+            " FROM meta AS revision JOIN meta AS compact ON TRUE LEFT JOIN kv ON kv.key = ?"
+            " WHERE revision.name = 'revision' AND compact.name = 'compact_revision'"
+        )
+
+    def range(self, query: RangeQuery, current: int) -> tuple[str | None, str, list[Any], list[Any]]:
+        """(count statement or None, rows statement, count params, rows params) for a range."""
+        if query.revision and query.revision < current:
+            source, params = self.state_at(query.span, query.revision, current)
+        else:
+            where, params = self.span(query.span)
+            source = f"kv WHERE {where}"
+        count = self.sql(f"SELECT count(*) FROM {source}") if query.count_only or query.need_count else None
+        filters, filter_params = self.filters(query)
+        rows = f"SELECT {self.columns(query.keys_only)} FROM {source}{filters}{self.order(query)}"
+        rows_params = [*params, *filter_params]
+        if query.limit:
+            rows += " LIMIT ?"
+            rows_params.append(query.limit)
+        return count, self.sql(rows), params, rows_params
+
+    def latest(self, span: KeySpan) -> tuple[str, list[Any]]:
+        where, params = self.span(span)
+        return self.sql(f"SELECT {self.columns(False)} FROM kv WHERE {where}"), params
+
+    def latest_keys(self, count: int) -> str:
+        return self.sql(f"SELECT {self.columns(False)} FROM kv WHERE key IN ({', '.join('?' * count)})")
+
+    def state_rows(self, span: KeySpan, revision: int, current: int) -> tuple[str, list[Any]]:
+        source, params = self.state_at(span, revision, current)
+        return self.sql(f"SELECT {self.columns(False)} FROM {source} ORDER BY key"), params
+
+    @cached_property
+    def lease_keys_rows(self) -> str:
+        return self.sql(f"SELECT {self.columns(False)} FROM kv WHERE lease = ?")
+
+    def leases(self, count: int) -> str:
+        return self.sql(f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({', '.join('?' * count)})")
+
+    def history(self, span: KeySpan) -> tuple[str, list[Any]]:
+        """Changes in [first, last] with their previous rows; params: first, last, then the span's."""
+        where, params = self.span(span, "h.key")
+        return (
+            self.sql(
+                "SELECT h.key, h.create_revision, h.revision, h.version, h.value, h.lease, h.sub, h.deleted,"
+                " p.create_revision, p.revision, p.version, p.value, p.lease"
+                " FROM kv_history AS h LEFT JOIN kv_history AS p"
+                " ON h.prev_revision > 0 AND p.key = h.key AND p.revision = h.prev_revision"
+                f" WHERE h.revision >= ? AND h.revision <= ? AND {where}"
+                " ORDER BY h.revision, h.sub"
+            ),
+            params,
+        )
+
+    @cached_property
+    def insert_history(self) -> str:
+        return self.sql(
+            "INSERT INTO kv_history (revision, sub, key, create_revision, version, value, lease,"
+            " deleted, prev_revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+
+    @cached_property
+    def delete_kv(self) -> str:
+        return self.sql("DELETE FROM kv WHERE key = ?")
+
+    @cached_property
+    def upsert_kv(self) -> str:
+        updates = ", ".join(f"{field} = excluded.{field}" for field in KV_FIELDS[1:])
+        return self.sql(
+            f"INSERT INTO kv ({', '.join(KV_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?)"
+            f" ON CONFLICT (key) DO UPDATE SET {updates}"
+        )
+
+    @cached_property
+    def upsert_lease(self) -> str:
+        return self.sql(
+            "INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET ttl = excluded.ttl, expires_at = excluded.expires_at"
+        )
+
+    @cached_property
+    def delete_lease(self) -> str:
+        return self.sql("DELETE FROM lease WHERE id = ?")
+
+    @cached_property
+    def lease(self) -> str:
+        return self.sql("SELECT id, ttl, expires_at FROM lease WHERE id = ?")
+
+    @cached_property
+    def lease_key_names(self) -> str:
+        return self.sql("SELECT key FROM kv WHERE lease = ? ORDER BY key")
+
+    @cached_property
+    def lease_ids(self) -> str:
+        return "SELECT id FROM lease ORDER BY id"
+
+    @cached_property
+    def due_leases(self) -> str:
+        return self.sql("SELECT id FROM lease WHERE expires_at <= ? ORDER BY expires_at LIMIT ?")
+
+    @cached_property
+    def renew_leases(self) -> str:
+        return self.sql("UPDATE lease SET expires_at = ? + ttl")
+
+    @cached_property
+    def compact_superseded(self) -> str:
+        """A row at revision r in (done, upto] supersedes every older row of its key."""
+        return self.sql(
+            "DELETE FROM kv_history WHERE (revision, sub) IN ("
+            " SELECT old.revision, old.sub FROM kv_history AS cur"
+            " JOIN kv_history AS old ON old.key = cur.key"
+            " AND (old.revision < cur.revision OR (old.revision = cur.revision AND old.sub < cur.sub))"
+            " WHERE cur.revision > ? AND cur.revision <= ?)"
+        )
+
+    @cached_property
+    def compact_tombstones(self) -> str:
+        """A tombstone at or below the compact revision goes as well."""
+        return self.sql("DELETE FROM kv_history WHERE revision > ? AND revision <= ? AND deleted = 1")
