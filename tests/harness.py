@@ -6,7 +6,9 @@ declarations, so every test also checks pykine's wire contract.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import os
 import queue
 import shutil
@@ -136,12 +138,37 @@ class EtcdServer(Server):
         ]
 
 
+# PYKINE_TEST_POSTGRES=postgres://user@host:port runs pykine on PostgreSQL instead
+# of SQLite: each server gets a database of its own, dropped when the tests end.
+TEST_POSTGRES = os.environ.get("PYKINE_TEST_POSTGRES", "")
+_databases: set[str] = set()
+
+
+def default_endpoint(workdir: str) -> str:
+    """The datastore for a workdir; servers started on one workdir share it, as with SQLite."""
+    if not TEST_POSTGRES:
+        return f"sqlite://{os.path.join(workdir, 'state.db')}"
+    name = "pykine_test_" + hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+    _databases.add(name)
+    return f"{TEST_POSTGRES.rstrip('/')}/{name}"
+
+
+@atexit.register
+def _drop_databases() -> None:
+    if _databases:
+        import psycopg
+
+        with psycopg.connect(f"{TEST_POSTGRES.rstrip('/')}/postgres", autocommit=True) as conn:
+            for name in _databases:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 class PykineServer(Server):
     name = "pykine"
 
     def __init__(self, workdir: str, *extra_args: str, endpoint: str | None = None) -> None:
         super().__init__(workdir)
-        self.endpoint = endpoint if endpoint is not None else f"sqlite://{os.path.join(workdir, 'state.db')}"
+        self.endpoint = endpoint if endpoint is not None else default_endpoint(workdir)
         self.extra_args = list(extra_args)
 
     def command(self) -> list[str]:

@@ -548,3 +548,24 @@ def test_second_server_on_the_same_address(scratch: Path) -> None:
         assert call(first, "KV", "Range", pb.RangeRequest(key=b"k")).ok
     finally:
         first.stop()
+
+
+def test_ignore_value_after_a_delete_in_the_same_txn(servers: Pair) -> None:
+    """etcd 3.4 crashes on this txn (its pre-check passes, the apply panics); pykine refuses it whole.
+
+    A delete of [a, "\\0") is an empty interval to etcd's duplicate-key check, so the txn is valid.
+    Only pykine is asked: the request would stop etcd.
+    """
+    assert call(servers.pykine, "KV", "Put", pb.PutRequest(key=b"a", value=b"kept")).ok
+    delete_then_put = pb.TxnRequest(
+        success=[
+            pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"a", range_end=b"\x00")),
+            pb.RequestOp(request_put=pb.PutRequest(key=b"a", ignore_value=True)),
+        ]
+    )
+    outcome = call(servers.pykine, "KV", "Txn", delete_then_put)
+    assert (outcome.code, outcome.details) == (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key not found")
+    kept = call(servers.pykine, "KV", "Range", pb.RangeRequest(key=b"a")).response
+    assert [kv.value for kv in kept.kvs] == [b"kept"]
+    # Keep the shared pair in lockstep: the same put on etcd.
+    assert call(servers.etcd, "KV", "Put", pb.PutRequest(key=b"a", value=b"kept")).ok

@@ -11,7 +11,7 @@ DEFAULT_SQLITE_PATH = "./db/state.db"
 # Options kine's SQLite DSNs carry for its Go driver that have no meaning here.
 IGNORED_SQLITE_OPTIONS = {"cache", "_txlock", "mode", "_fk", "_foreign_keys"}
 
-PLANNED_SCHEMES = ("postgres", "postgresql", "mysql", "nats", "dqlite", "http", "https")
+PLANNED_SCHEMES = ("mysql", "nats", "dqlite", "http", "https")
 
 
 def open_backend(endpoint: str) -> Backend:
@@ -24,9 +24,13 @@ def open_backend(endpoint: str) -> Backend:
     if scheme == "sqlite":
         path, _, query = rest.partition("?")
         return _sqlite(path or DEFAULT_SQLITE_PATH, query)
+    if scheme in ("postgres", "postgresql"):
+        from pykine.backends.postgres import PostgresBackend
+
+        return PostgresBackend(endpoint)
     if scheme in PLANNED_SCHEMES:
         raise BackendError(f"endpoint scheme {scheme!r} is not supported by this pykine yet")
-    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite)")
+    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite, postgres)")
 
 
 def _sqlite(path: str, query: str) -> Backend:

@@ -18,9 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pykine.backends.base import Backend, BackendError, Plan, StorageStatus
-from pykine.backends.sqltext import INITIAL_META, SCHEMA_VERSION, SQLITE, Statements
+from pykine.backends.sqltext import INITIAL_META, SCHEMA_VERSION, SQLITE, Statements, history_change, write_statements
 from pykine.engine.records import (
-    Change,
     HistoryRows,
     KeySpan,
     KeyValueRow,
@@ -40,16 +39,6 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 IN_CHUNK = 500
 
 SQL = Statements(SQLITE)
-
-
-def history_change(row: tuple[Any, ...]) -> Change:
-    """A change from SQL.history's columns: the row, its sub, tombstone flag and previous row."""
-    return Change(
-        KeyValueRow(*row[:6]),
-        row[6],
-        bool(row[7]),
-        KeyValueRow(row[0], *row[8:]) if row[9] is not None else None,
-    )
 
 
 class SQLiteBackend(Backend):
@@ -235,7 +224,7 @@ class SQLiteBackend(Backend):
         try:
             snapshot = self._snapshot(conn, reads)
             write_set, outcome = plan(snapshot)
-            for sql, rows in write_statements(snapshot, write_set):
+            for sql, rows in write_statements(SQL, snapshot, write_set):
                 conn.executemany(sql, rows)
             conn.execute("COMMIT")
         except BaseException:
@@ -320,44 +309,3 @@ class SQLiteBackend(Backend):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
         await self._on(self._writer, vacuum)
-
-
-def write_statements(snapshot: Snapshot, write_set: WriteSet) -> list[tuple[str, list[Any]]]:
-    """The statements and rows that store a WriteSet, in order; any backend runs them in its transaction."""
-    statements: list[tuple[str, list[Any]]] = []
-    if write_set.changes:
-        statements.append(
-            (
-                SQL.insert_history,
-                [
-                    (
-                        c.kv.mod_revision,
-                        c.sub,
-                        c.kv.key,
-                        c.kv.create_revision,
-                        c.kv.version,
-                        c.kv.value,
-                        c.kv.lease,
-                        int(c.deleted),
-                        c.prev.mod_revision if c.prev else 0,
-                    )
-                    for c in write_set.changes
-                ],
-            )
-        )
-        final = {c.kv.key: c for c in write_set.changes}
-        deleted = [(key,) for key, c in final.items() if c.deleted]
-        if deleted:
-            statements.append((SQL.delete_kv, deleted))
-        live = [c.kv for c in final.values() if not c.deleted]
-        if live:
-            statements.append((SQL.upsert_kv, live))
-    if write_set.lease_puts:
-        statements.append((SQL.upsert_lease, write_set.lease_puts))
-    if write_set.lease_deletes:
-        statements.append((SQL.delete_lease, [(lease_id,) for lease_id in write_set.lease_deletes]))
-    if write_set.revision != snapshot.revision:
-        statements.append((SQL.set_meta, [(write_set.revision, "revision")]))
-    if write_set.compact_revision != snapshot.compact_revision:
-        statements.append((SQL.set_meta, [(write_set.compact_revision, "compact_revision")]))
-    return statements

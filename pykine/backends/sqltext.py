@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from pykine.engine.records import KeySpan, RangeQuery
+from pykine.engine.records import Change, KeySpan, KeyValueRow, RangeQuery, Snapshot, WriteSet
 
 SCHEMA_VERSION = 1
 
@@ -289,3 +289,54 @@ class Statements:
     def compact_tombstones(self) -> str:
         """A tombstone at or below the compact revision goes as well."""
         return self.sql("DELETE FROM kv_history WHERE revision > ? AND revision <= ? AND deleted = 1")
+
+
+def history_change(row: tuple[Any, ...]) -> Change:
+    """A change from SQL.history's columns: the row, its sub, tombstone flag and previous row."""
+    return Change(
+        KeyValueRow(*row[:6]),
+        row[6],
+        bool(row[7]),
+        KeyValueRow(row[0], *row[8:]) if row[9] is not None else None,
+    )
+
+
+def write_statements(sql: Statements, snapshot: Snapshot, write_set: WriteSet) -> list[tuple[str, list[Any]]]:
+    """The statements and rows that store a WriteSet, in order; any backend runs them in its transaction."""
+    statements: list[tuple[str, list[Any]]] = []
+    if write_set.changes:
+        statements.append(
+            (
+                sql.insert_history,
+                [
+                    (
+                        c.kv.mod_revision,
+                        c.sub,
+                        c.kv.key,
+                        c.kv.create_revision,
+                        c.kv.version,
+                        c.kv.value,
+                        c.kv.lease,
+                        int(c.deleted),
+                        c.prev.mod_revision if c.prev else 0,
+                    )
+                    for c in write_set.changes
+                ],
+            )
+        )
+        final = {c.kv.key: c for c in write_set.changes}
+        deleted = [(key,) for key, c in final.items() if c.deleted]
+        if deleted:
+            statements.append((sql.delete_kv, deleted))
+        live = [c.kv for c in final.values() if not c.deleted]
+        if live:
+            statements.append((sql.upsert_kv, live))
+    if write_set.lease_puts:
+        statements.append((sql.upsert_lease, write_set.lease_puts))
+    if write_set.lease_deletes:
+        statements.append((sql.delete_lease, [(lease_id,) for lease_id in write_set.lease_deletes]))
+    if write_set.revision != snapshot.revision:
+        statements.append((sql.set_meta, [(write_set.revision, "revision")]))
+    if write_set.compact_revision != snapshot.compact_revision:
+        statements.append((sql.set_meta, [(write_set.compact_revision, "compact_revision")]))
+    return statements

@@ -131,9 +131,16 @@ class _Watcher:
 
     def reply(self, revision: int, events: list[Change], compact_revision: int) -> WatchReply:
         if self.prev_kv:
-            # etcd reads prev_kv at the event's revision - 1; once that is compacted, there is none.
+            # etcd gives create events no prev_kv (even when a txn deleted the key just before),
+            # and reads prev_kv at the event's revision - 1: once that is compacted, there is none.
             events = [
-                change._replace(prev=None) if change.prev and change.kv.mod_revision - 1 < compact_revision else change
+                change._replace(prev=None)
+                if change.prev
+                and (
+                    (not change.deleted and change.kv.create_revision == change.kv.mod_revision)
+                    or change.kv.mod_revision - 1 < compact_revision
+                )
+                else change
                 for change in events
             ]
         return WatchReply(self.watch_id, revision, events, prev_kv=self.prev_kv, fragment=self.fragment)
