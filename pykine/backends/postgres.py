@@ -27,19 +27,20 @@ from pykine.backends.sqltext import (
     POSTGRES,
     SCHEMA_VERSION,
     Statements,
+    assemble_snapshot,
     history_change,
+    range_rows,
+    snapshot_queries,
     write_statements,
 )
 from pykine.engine.records import (
     HistoryRows,
     KeySpan,
-    KeyValueRow,
     LeaseRow,
     RangeQuery,
     RangeRows,
     ReadSet,
     Snapshot,
-    SnapshotRead,
     WriteSet,
 )
 
@@ -49,7 +50,6 @@ SQL = Statements(POSTGRES)
 DEFAULT_DATABASE = "kubernetes"
 # Serialises schema creation among instances starting together.
 SCHEMA_LOCK = 0x70796B696E65  # "pykine"
-IN_CHUNK = 500
 
 
 def split_dsn(dsn: str) -> tuple[str, str, str]:
@@ -162,45 +162,20 @@ class PostgresBackend(Backend):
         if query.revision > revision or 0 < query.revision < compact or query.span.empty:
             return RangeRows(revision, compact, [], 0)
         count_sql, rows_sql, count_params, rows_params = SQL.range(query, revision)
-        count = (await self._rows(conn, count_sql, count_params))[0][0] if count_sql else 0
+        count = (await self._rows(conn, count_sql, count_params))[0][0] if count_sql else None
         if query.count_only:
-            return RangeRows(revision, compact, [], count)
-        rows = list(map(KeyValueRow._make, await self._rows(conn, rows_sql, rows_params)))
-        return RangeRows(revision, compact, rows, count if count_sql else len(rows))
+            return RangeRows(revision, compact, [], count or 0)
+        return range_rows(query, revision, compact, count, await self._rows(conn, rows_sql, rows_params))
 
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:
         return await self._read(lambda conn: self._snapshot(conn, reads))
 
     async def _snapshot(self, conn: AsyncConnection[Any], reads: ReadSet) -> Snapshot:
         revision, compact = await self._revisions(conn)
-        latest: dict[bytes, KeyValueRow] = {}
-        singles: list[bytes] = []
-        history: dict[SnapshotRead, list[KeyValueRow]] = {}
-        for read in reads.spans:
-            if read.revision and read.revision < revision:
-                if read.revision >= compact and not read.span.empty:
-                    statement, params = SQL.state_rows(read.span, read.revision, revision)
-                    history[read] = list(map(KeyValueRow._make, await self._rows(conn, statement, params)))
-            elif read.span.single_key:
-                singles.append(read.span.start)
-            elif not read.span.empty:
-                statement, params = SQL.latest(read.span)
-                for row in await self._rows(conn, statement, params):
-                    latest[row[0]] = KeyValueRow._make(row)
-        for start in range(0, len(singles), IN_CHUNK):
-            chunk = singles[start : start + IN_CHUNK]
-            for row in await self._rows(conn, SQL.latest_keys(len(chunk)), chunk):
-                latest[row[0]] = KeyValueRow._make(row)
-        for lease_id in reads.lease_keys:
-            for row in await self._rows(conn, SQL.lease_keys_rows, (lease_id,)):
-                latest[row[0]] = KeyValueRow._make(row)
-        leases: dict[int, LeaseRow] = {}
-        lease_ids = list(reads.leases)
-        for start in range(0, len(lease_ids), IN_CHUNK):
-            chunk = lease_ids[start : start + IN_CHUNK]
-            for row in await self._rows(conn, SQL.leases(len(chunk)), chunk):
-                leases[row[0]] = LeaseRow._make(row)
-        return Snapshot(revision, compact, list(latest.values()), history, leases)
+        queries = snapshot_queries(SQL, reads, revision, compact)
+        return assemble_snapshot(
+            revision, compact, [(q, await self._rows(conn, q.statement, q.params)) for q in queries]
+        )
 
     async def read_history(self, first: int, last: int, span: KeySpan) -> HistoryRows:
         async def read(conn: AsyncConnection[Any]) -> HistoryRows:

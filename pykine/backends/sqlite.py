@@ -18,7 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pykine.backends.base import Backend, BackendError, Plan, StorageStatus
-from pykine.backends.sqltext import INITIAL_META, SCHEMA_VERSION, SQLITE, Statements, history_change, write_statements
+from pykine.backends.sqltext import (
+    INITIAL_META,
+    SCHEMA_VERSION,
+    SQLITE,
+    Statements,
+    assemble_snapshot,
+    history_change,
+    range_rows,
+    snapshot_queries,
+    write_statements,
+)
 from pykine.engine.records import (
     HistoryRows,
     KeySpan,
@@ -28,7 +38,6 @@ from pykine.engine.records import (
     RangeRows,
     ReadSet,
     Snapshot,
-    SnapshotRead,
     WriteSet,
 )
 
@@ -36,7 +45,6 @@ T = TypeVar("T")
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-IN_CHUNK = 500
 
 SQL = Statements(SQLITE)
 
@@ -163,45 +171,20 @@ class SQLiteBackend(Backend):
         if query.revision > revision or 0 < query.revision < compact or query.span.empty:
             return RangeRows(revision, compact, [], 0)
         count_sql, rows_sql, count_params, rows_params = SQL.range(query, revision)
-        count = conn.execute(count_sql, count_params).fetchone()[0] if count_sql else 0
+        count = conn.execute(count_sql, count_params).fetchone()[0] if count_sql else None
         if query.count_only:
-            return RangeRows(revision, compact, [], count)
-        rows = list(map(KeyValueRow._make, conn.execute(rows_sql, rows_params)))
-        return RangeRows(revision, compact, rows, count if count_sql else len(rows))
+            return RangeRows(revision, compact, [], count or 0)
+        return range_rows(query, revision, compact, count, conn.execute(rows_sql, rows_params).fetchall())
 
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:
         return await self._on(self._readers, self._read_transaction, lambda conn: self._snapshot(conn, reads))
 
     def _snapshot(self, conn: sqlite3.Connection, reads: ReadSet) -> Snapshot:
         revision, compact = self._revisions(conn)
-        latest: dict[bytes, KeyValueRow] = {}
-        singles: list[bytes] = []
-        history: dict[SnapshotRead, list[KeyValueRow]] = {}
-        for read in reads.spans:
-            if read.revision and read.revision < revision:
-                if read.revision >= compact and not read.span.empty:
-                    sql, params = SQL.state_rows(read.span, read.revision, revision)
-                    history[read] = list(map(KeyValueRow._make, conn.execute(sql, params)))
-            elif read.span.single_key:
-                singles.append(read.span.start)
-            elif not read.span.empty:
-                sql, params = SQL.latest(read.span)
-                for row in conn.execute(sql, params):
-                    latest[row[0]] = KeyValueRow._make(row)
-        for start in range(0, len(singles), IN_CHUNK):
-            chunk = singles[start : start + IN_CHUNK]
-            for row in conn.execute(SQL.latest_keys(len(chunk)), chunk):
-                latest[row[0]] = KeyValueRow._make(row)
-        for lease_id in reads.lease_keys:
-            for row in conn.execute(SQL.lease_keys_rows, (lease_id,)):
-                latest[row[0]] = KeyValueRow._make(row)
-        leases: dict[int, LeaseRow] = {}
-        lease_ids = list(reads.leases)
-        for start in range(0, len(lease_ids), IN_CHUNK):
-            chunk = lease_ids[start : start + IN_CHUNK]
-            for row in conn.execute(SQL.leases(len(chunk)), chunk):
-                leases[row[0]] = LeaseRow._make(row)
-        return Snapshot(revision, compact, list(latest.values()), history, leases)
+        queries = snapshot_queries(SQL, reads, revision, compact)
+        return assemble_snapshot(
+            revision, compact, [(q, conn.execute(q.statement, q.params).fetchall()) for q in queries]
+        )
 
     async def read_history(self, first: int, last: int, span: KeySpan) -> HistoryRows:
         def read(conn: sqlite3.Connection) -> HistoryRows:

@@ -12,9 +12,23 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from pykine.engine.records import Change, KeySpan, KeyValueRow, RangeQuery, Snapshot, WriteSet
+from pykine.engine.records import (
+    Change,
+    KeySpan,
+    KeyValueRow,
+    LeaseRow,
+    RangeQuery,
+    RangeRows,
+    ReadSet,
+    Snapshot,
+    SnapshotRead,
+    WriteSet,
+)
 
 SCHEMA_VERSION = 1
+
+# Keys or lease ids per IN (...) list.
+IN_CHUNK = 500
 
 # Revision 1 is the empty store, as in etcd; -1 means never compacted.
 INITIAL_META = {
@@ -340,3 +354,65 @@ def write_statements(sql: Statements, snapshot: Snapshot, write_set: WriteSet) -
     if write_set.compact_revision != snapshot.compact_revision:
         statements.append((sql.set_meta, [(write_set.compact_revision, "compact_revision")]))
     return statements
+
+
+@dataclass(frozen=True)
+class SnapshotQuery:
+    """One statement of a snapshot read; `history` says which fixed-revision read it answers."""
+
+    statement: str
+    params: list[Any]
+    kind: str  # "latest", "history" or "leases"
+    history: SnapshotRead | None = None
+
+
+def snapshot_queries(sql: Statements, reads: ReadSet, revision: int, compact: int) -> list[SnapshotQuery]:
+    """The statements that read what a batch needs, run in one snapshot at `revision`."""
+    queries: list[SnapshotQuery] = []
+    singles: list[bytes] = []
+    for read in reads.spans:
+        if read.revision and read.revision < revision:
+            if read.revision >= compact and not read.span.empty:
+                statement, params = sql.state_rows(read.span, read.revision, revision)
+                queries.append(SnapshotQuery(statement, params, "history", read))
+        elif read.span.single_key:
+            singles.append(read.span.start)
+        elif not read.span.empty:
+            statement, params = sql.latest(read.span)
+            queries.append(SnapshotQuery(statement, params, "latest"))
+    for start in range(0, len(singles), IN_CHUNK):
+        chunk = singles[start : start + IN_CHUNK]
+        queries.append(SnapshotQuery(sql.latest_keys(len(chunk)), chunk, "latest"))
+    for lease_id in reads.lease_keys:
+        queries.append(SnapshotQuery(sql.lease_keys_rows, [lease_id], "latest"))
+    lease_ids = list(reads.leases)
+    for start in range(0, len(lease_ids), IN_CHUNK):
+        chunk = lease_ids[start : start + IN_CHUNK]
+        queries.append(SnapshotQuery(sql.leases(len(chunk)), chunk, "leases"))
+    return queries
+
+
+def assemble_snapshot(
+    revision: int, compact: int, answers: list[tuple[SnapshotQuery, list[tuple[Any, ...]]]]
+) -> Snapshot:
+    """The Snapshot from each snapshot query's rows."""
+    latest: dict[bytes, KeyValueRow] = {}
+    history: dict[SnapshotRead, list[KeyValueRow]] = {}
+    leases: dict[int, LeaseRow] = {}
+    for query, rows in answers:
+        if query.kind == "history":
+            assert query.history is not None
+            history[query.history] = list(map(KeyValueRow._make, rows))
+        elif query.kind == "latest":
+            for row in rows:
+                latest[row[0]] = KeyValueRow._make(row)
+        else:
+            for row in rows:
+                leases[row[0]] = LeaseRow._make(row)
+    return Snapshot(revision, compact, list(latest.values()), history, leases)
+
+
+def range_rows(query: RangeQuery, revision: int, compact: int, count: int | None, rows: list[Any]) -> RangeRows:
+    """A RangeRows from a range's count (None when not read) and rows."""
+    kvs = list(map(KeyValueRow._make, rows))
+    return RangeRows(revision, compact, kvs, count if count is not None else len(kvs))
