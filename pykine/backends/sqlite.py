@@ -155,7 +155,7 @@ class SQLiteBackend(Backend):
         return await self._on(self._readers, lambda: self._revisions(self._connection()))
 
     async def read_range(self, query: RangeQuery) -> RangeRows:
-        if query.span.single_key and not (query.revision or query.count_only or SQL.filters(query)[1]):
+        if query.span.single_key and not (query.revision or query.count_only or query.filtered):
             # An indexed one-row read costs less than the hop to a reader thread: run it here.
             return self._get(query)
         return await self._on(self._readers, self._read_transaction, lambda conn: self._range(conn, query))

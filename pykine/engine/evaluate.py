@@ -464,22 +464,20 @@ class BatchState:
         if key is not None:
             return self._single_key_txn(request, key)
         path = self._compare_path(request)
-        write = is_write(request)
         ops = list(_ops_on_path(request, iter(path)))
-        if write:
-            deleted: list[KeySpan] = []
-            for op in ops:
-                kind = op.WhichOneof("request")
-                if kind == "request_put":
-                    put = op.request_put
-                    self._check_put(put, lease_first=False)
-                    # etcd 3.4 checks ignore_* against the state before the txn, then panics
-                    # when an earlier delete in the txn removed the key; refuse it instead.
-                    if (put.ignore_value or put.ignore_lease) and any(span.contains(put.key) for span in deleted):
-                        raise KeyNotFoundError()
-                elif kind == "request_delete_range":
-                    delete = op.request_delete_range
-                    deleted.append(KeySpan.from_request(delete.key, delete.range_end))
+        deleted: list[KeySpan] = []
+        for op in ops:
+            kind = op.WhichOneof("request")
+            if kind == "request_put":
+                put = op.request_put
+                self._check_put(put, lease_first=False)
+                # etcd 3.4 checks ignore_* against the state before the txn, then panics
+                # when an earlier delete in the txn removed the key; refuse it instead.
+                if (put.ignore_value or put.ignore_lease) and any(span.contains(put.key) for span in deleted):
+                    raise KeyNotFoundError()
+            elif kind == "request_delete_range":
+                delete = op.request_delete_range
+                deleted.append(KeySpan.from_request(delete.key, delete.range_end))
         pins = iter([self._pin_range(op.request_range) for op in ops if op.WhichOneof("request") == "request_range"])
         result = self._commit(lambda rev: self._apply_ops(rev, request, iter(path), pins))
         result.revision = self.revision

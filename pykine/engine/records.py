@@ -86,6 +86,12 @@ class RangeQuery:
     min_create_revision: int = 0
     max_create_revision: int = 0
 
+    @property
+    def filtered(self) -> bool:
+        return bool(
+            self.min_mod_revision or self.max_mod_revision or self.min_create_revision or self.max_create_revision
+        )
+
 
 @dataclass(slots=True)
 class RangeRows:
