@@ -4,22 +4,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-postgres lint proto bench system-deps clean
+.PHONY: run test test-sqlite test-postgres test-mysql lint proto bench system-deps clean
 
 run: $(STAMP)
 	$(BIN)/pykine
 
-test: system-deps $(STAMP) lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The whole suite on SQLite, then everything that is not about SQLite itself again on
+# PostgreSQL and on MySQL/MariaDB (each pykine datastore gets a database of its own; the
+# servers are the machine's, or ones the tests start: tests/databases.py).
+test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql
 
-# The backend-neutral suites again, with pykine on the PostgreSQL at $(PYKINE_TEST_POSTGRES)
-# (each server gets a database of its own). Not yet part of `make test`: that needs the tests
-# to start their own PostgreSQL where none runs (the PostgreSQL/MySQL issue).
-PYKINE_TEST_POSTGRES ?= postgres://postgres@127.0.0.1:5432
-POSTGRES_SUITES := tests/test_kv_differential.py tests/test_property.py tests/test_watch_differential.py \
-	tests/test_lease.py tests/test_shared_datastore.py tests/test_concurrency.py
+SERVER_SUITES := tests/test_kv_differential.py tests/test_property.py tests/test_etcdctl.py \
+	tests/test_watch_differential.py tests/test_watch_stress.py tests/test_go_client.py tests/test_lease.py \
+	tests/test_crash.py tests/test_concurrency.py tests/test_shared_datastore.py tests/test_bad_input.py
+test-sqlite: system-deps $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 test-postgres: system-deps $(STAMP)
-	PYKINE_TEST_POSTGRES=$(PYKINE_TEST_POSTGRES) $(BIN)/python -m pytest -q $(POSTGRES_SUITES)
+	PYKINE_TEST_BACKEND=postgres $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
+test-mysql: system-deps $(STAMP)
+	PYKINE_TEST_BACKEND=mysql $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pykine tests bench

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from pykine import __version__
+from pykine.backends.base import ConnectionOptions
 
 # Flags kine also has, so KINE_<FLAG> is honoured for them.
 KINE_FLAGS = {
@@ -24,6 +25,13 @@ KINE_FLAGS = {
     "compact-batch-size",
     "metrics-bind-address",
     "watch-progress-notify-interval",
+    "ca-file",
+    "cert-file",
+    "key-file",
+    "skip-verify",
+    "datastore-max-idle-connections",
+    "datastore-max-open-connections",
+    "datastore-connection-max-lifetime",
 }
 
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -40,6 +48,8 @@ class Settings:
     metrics_bind_address: str
     watch_progress_notify_interval: float
     workers: int
+    # TLS, pool and polling settings for a database-server datastore.
+    connection: ConnectionOptions
     # Set by the supervisor for its workers: they share one port on purpose.
     reuse_port: bool
 
@@ -74,14 +84,26 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _count(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _duration_or_zero(text: str) -> float:
+    return 0.0 if text == "0" else _duration(text)
 
 
 def _duration(text: str) -> float:
@@ -142,6 +164,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("workers") or "1",
         help="serving processes sharing the port and the datastore (default 1)",
     )
+    datastore = parser.add_argument_group("database servers (postgres://, mysql://)")
+    for flag, what in (
+        ("ca-file", "CA certificate to verify the database server with"),
+        ("cert-file", "client certificate to present to the database server"),
+        ("key-file", "key of the client certificate"),
+    ):
+        datastore.add_argument(f"--{flag}", default=_env(flag) or "", help=what)
+    datastore.add_argument(
+        "--skip-verify",
+        action="store_true",
+        default=_env_bool("skip-verify"),
+        help="use TLS but do not verify the database server's certificate",
+    )
+    datastore.add_argument(
+        "--datastore-max-idle-connections",
+        type=_count,
+        default=_env("datastore-max-idle-connections") or "0",
+        help="connections kept open while idle (default 0: 2)",
+    )
+    datastore.add_argument(
+        "--datastore-max-open-connections",
+        type=_count,
+        default=_env("datastore-max-open-connections") or "0",
+        help="most connections open at once (default 0: 8)",
+    )
+    datastore.add_argument(
+        "--datastore-connection-max-lifetime",
+        type=_duration_or_zero,
+        default=_env("datastore-connection-max-lifetime") or "0",
+        help="replace connections older than this, like 30m (default 0: 1h)",
+    )
+    datastore.add_argument(
+        "--datastore-poll-interval",
+        type=_duration,
+        default=_env("datastore-poll-interval") or None,
+        help="how often to look for other instances' commits where the database cannot notify"
+        " (default: mysql 50ms, sqlite shared by --workers 20ms, postgres 1s behind LISTEN/NOTIFY)",
+    )
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"pykine {__version__}")
     return parser
@@ -165,6 +225,16 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         metrics_bind_address=args.metrics_bind_address,
         watch_progress_notify_interval=args.watch_progress_notify_interval,
         workers=args.workers,
+        connection=ConnectionOptions(
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            skip_verify=args.skip_verify,
+            max_idle_connections=args.datastore_max_idle_connections,
+            max_open_connections=args.datastore_max_open_connections,
+            connection_max_lifetime=args.datastore_connection_max_lifetime,
+            poll_interval=args.datastore_poll_interval or 0.0,
+        ),
         reuse_port=args.reuse_port,
     )
 

@@ -88,7 +88,7 @@ async def serve(settings: Settings) -> None:
             serve_metrics(settings.metrics_bind_address)
         except OSError as exc:
             raise BackendError(f"cannot serve metrics on {settings.metrics_bind_address}: {exc.strerror}") from exc
-    backend = open_backend(settings.endpoint)
+    backend = open_backend(settings.endpoint, settings.connection)
     engine = Engine(
         backend,
         compact_batch_size=settings.compact_batch_size,

@@ -6,7 +6,6 @@ declarations, so every test also checks pykine's wire contract.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import os
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import databases
 import grpc
 from aetcd.rpc import rpc_pb2 as pb
 from aetcd.rpc import rpc_pb2_grpc as pb_grpc
@@ -138,29 +138,15 @@ class EtcdServer(Server):
         ]
 
 
-# PYKINE_TEST_POSTGRES=postgres://user@host:port runs pykine on PostgreSQL instead
-# of SQLite: each server gets a database of its own, dropped when the tests end.
-TEST_POSTGRES = os.environ.get("PYKINE_TEST_POSTGRES", "")
-_databases: set[str] = set()
-
-
 def default_endpoint(workdir: str) -> str:
-    """The datastore for a workdir; servers started on one workdir share it, as with SQLite."""
-    if not TEST_POSTGRES:
+    """The datastore for a workdir; servers started on one workdir share it, as with SQLite.
+
+    PYKINE_TEST_BACKEND=postgres or mysql puts it on a database server instead (see databases.py).
+    """
+    if databases.BACKEND == "sqlite":
         return f"sqlite://{os.path.join(workdir, 'state.db')}"
     name = "pykine_test_" + hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
-    _databases.add(name)
-    return f"{TEST_POSTGRES.rstrip('/')}/{name}"
-
-
-@atexit.register
-def _drop_databases() -> None:
-    if _databases:
-        import psycopg
-
-        with psycopg.connect(f"{TEST_POSTGRES.rstrip('/')}/postgres", autocommit=True) as conn:
-            for name in _databases:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return databases.database_endpoint(databases.BACKEND, name)
 
 
 class PykineServer(Server):

@@ -22,7 +22,18 @@ from typing import Any
 import grpc
 import pytest
 from aetcd.rpc import kv_pb2
-from harness import KeepAliveStream, Outcome, Pair, PykineServer, Server, WatchSession, call, normalise, pb
+from harness import (
+    KeepAliveStream,
+    Outcome,
+    Pair,
+    PykineServer,
+    Server,
+    WatchSession,
+    call,
+    default_endpoint,
+    normalise,
+    pb,
+)
 
 # Bound for anything that waits on an expiry: far above any sane delay, and only hit on failure.
 EXPIRY_BOUND = 15.0
@@ -622,9 +633,9 @@ def test_kubernetes_style_lease_flow(clean: Pair) -> None:
 
 
 def test_two_instances_expire_a_lease_once() -> None:
-    """Two pykine processes on one SQLite file both try to expire a lease; its keys are deleted exactly once."""
+    """Two pykine processes on one datastore both try to expire a lease; its keys are deleted exactly once."""
     workdir = tempfile.mkdtemp(prefix="pykine-lease-two-")
-    endpoint = f"sqlite:///{os.path.join(workdir, 'state.db').lstrip('/')}"
+    endpoint = default_endpoint(workdir)
     instances: list[PykineServer] = []
     try:
         for name in ("a", "b"):

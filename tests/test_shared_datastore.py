@@ -1,4 +1,4 @@
-"""Two pykine processes on one SQLite file: every watcher sees every commit, whoever made it.
+"""Two pykine processes on one datastore: every watcher sees every commit, whoever made it.
 
 Each process's watch hub publishes its own commits at once and follows the
 other process's commits from the datastore's history, in revision order, so
@@ -7,20 +7,19 @@ watchers on either process see one identical sequence of events.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import PykineServer, WatchSession, pb
+from harness import PykineServer, WatchSession, default_endpoint, pb
 
 
 @pytest.fixture
 def two() -> Iterator[tuple[PykineServer, PykineServer]]:
     workdir = tempfile.mkdtemp(prefix="pykine-shared-")
-    endpoint = f"sqlite://{os.path.join(workdir, 'state.db')}"
+    endpoint = default_endpoint(workdir)
     first = PykineServer(workdir, endpoint=endpoint)
     second = PykineServer(workdir, endpoint=endpoint)
     first.start()

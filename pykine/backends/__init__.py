@@ -4,36 +4,41 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from pykine.backends.base import Backend, BackendError
+from pykine.backends.base import Backend, BackendError, ConnectionOptions
 
 DEFAULT_SQLITE_PATH = "./db/state.db"
 
 # Options kine's SQLite DSNs carry for its Go driver that have no meaning here.
 IGNORED_SQLITE_OPTIONS = {"cache", "_txlock", "mode", "_fk", "_foreign_keys"}
 
-PLANNED_SCHEMES = ("mysql", "nats", "dqlite", "http", "https")
+PLANNED_SCHEMES = ("nats", "dqlite", "http", "https")
 
 
-def open_backend(endpoint: str) -> Backend:
+def open_backend(endpoint: str, options: ConnectionOptions | None = None) -> Backend:
     """Build the backend an endpoint names; raise BackendError for a bad one."""
+    options = options or ConnectionOptions()
     if not endpoint:
-        return _sqlite(DEFAULT_SQLITE_PATH, "")
+        return _sqlite(DEFAULT_SQLITE_PATH, "", options)
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
         raise BackendError(f"endpoint {endpoint!r} is not a DSN (expected scheme://...)")
     if scheme == "sqlite":
         path, _, query = rest.partition("?")
-        return _sqlite(path or DEFAULT_SQLITE_PATH, query)
+        return _sqlite(path or DEFAULT_SQLITE_PATH, query, options)
     if scheme in ("postgres", "postgresql"):
         from pykine.backends.postgres import PostgresBackend
 
-        return PostgresBackend(endpoint)
+        return PostgresBackend(endpoint, options)
+    if scheme == "mysql":
+        from pykine.backends.mysql import MySQLBackend
+
+        return MySQLBackend(endpoint, options)
     if scheme in PLANNED_SCHEMES:
         raise BackendError(f"endpoint scheme {scheme!r} is not supported by this pykine yet")
-    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite, postgres)")
+    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite, postgres, mysql)")
 
 
-def _sqlite(path: str, query: str) -> Backend:
+def _sqlite(path: str, query: str, options: ConnectionOptions) -> Backend:
     from pykine.backends.sqlite import SQLiteBackend
 
     synchronous = "FULL"
@@ -50,4 +55,6 @@ def _sqlite(path: str, query: str) -> Backend:
                 raise BackendError("pykine runs SQLite in WAL mode only")
         elif name not in IGNORED_SQLITE_OPTIONS:
             raise BackendError(f"unknown sqlite option {name!r}")
-    return SQLiteBackend(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+    return SQLiteBackend(
+        path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, poll_interval=options.poll_interval
+    )

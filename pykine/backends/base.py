@@ -24,6 +24,21 @@ class BackendError(Exception):
     """The datastore could not be opened or failed a request."""
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    """How to reach a database server: kine's TLS and connection-pool flags, and the commit poll."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    skip_verify: bool = False
+    # 0 means the backend's default for each of these.
+    max_idle_connections: int = 0
+    max_open_connections: int = 0
+    connection_max_lifetime: float = 0.0
+    poll_interval: float = 0.0
+
+
 @dataclass(slots=True)
 class StorageStatus:
     db_size: int
@@ -35,6 +50,8 @@ class Backend(ABC):
 
     #: A short name for logs and Status.
     name: str
+    #: The longest key the datastore can index, if it has a limit.
+    max_key_bytes: int | None = None
 
     @abstractmethod
     async def start(self) -> None:
@@ -87,6 +104,18 @@ class Backend(ABC):
     @abstractmethod
     async def renew_leases(self, now: float) -> None:
         """Give every lease its full TTL from `now` (done at start-up, as etcd does)."""
+
+    @abstractmethod
+    async def claim_duties(self) -> bool:
+        """Whether this process runs the datastore's once-only duties (lease expiry).
+
+        Takes the claim when nobody holds it; called periodically, so a claim
+        lost with a process or connection passes to another process.
+        """
+
+    @abstractmethod
+    async def wait_for_commits(self) -> None:
+        """Return when another process may have committed (a notification or a poll interval)."""
 
     @abstractmethod
     async def compact_step(self, target: int, max_revisions: int) -> int:

@@ -1,102 +1,115 @@
-"""PostgreSQL, through psycopg 3 (async, binary), with the SQL shared with SQLite.
+"""PostgreSQL, through psycopg 3 (async, binary results, prepared statements, a pool).
 
-Several pykine instances may share one database. Each write batch takes the
-revision counter's row with FOR UPDATE first and holds it until commit, so
-commits are ordered by revision across instances: no commit with a lower
-revision can become visible after a higher one, and nothing needs gap rows.
-Reads of more than one statement run in REPEATABLE READ transactions, one
-snapshot each.
+Commit order, snapshots and duties follow remote.py. Commits are announced
+with NOTIFY inside their transaction (PostgreSQL delivers it on commit), and
+each instance LISTENs on a connection of its own, so other instances' watchers
+hear of a commit within milliseconds; a slow poll stays as a safety net.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import AsyncConnection, IsolationLevel, sql
 from psycopg_pool import AsyncConnectionPool
 
-from pykine.backends.base import Backend, BackendError, Plan, StorageStatus
-from pykine.backends.sqltext import (
-    INITIAL_META,
-    POSTGRES,
-    SCHEMA_VERSION,
-    Statements,
-    assemble_snapshot,
-    history_change,
-    range_rows,
-    snapshot_queries,
-    write_statements,
-)
-from pykine.engine.records import (
-    HistoryRows,
-    KeySpan,
-    LeaseRow,
-    RangeQuery,
-    RangeRows,
-    ReadSet,
-    Snapshot,
-    WriteSet,
-)
+from pykine.backends.base import BackendError, ConnectionOptions, StorageStatus
+from pykine.backends.remote import RemoteSQLBackend
+from pykine.backends.sqltext import POSTGRES, Statements
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-SQL = Statements(POSTGRES)
 DEFAULT_DATABASE = "kubernetes"
-# Serialises schema creation among instances starting together.
+CHANNEL = "pykine_commits"
+# Advisory lock keys: schema creation, and the once-only duties.
 SCHEMA_LOCK = 0x70796B696E65  # "pykine"
+DUTY_LOCK = SCHEMA_LOCK + 1
+DEFAULT_POOL_SIZE = 8
+CONNECT_TIMEOUT = "5"
+# How long a request waits for a pooled connection before failing UNAVAILABLE.
+POOL_WAIT = 5.0
 
 
-def split_dsn(dsn: str) -> tuple[str, str, str]:
+def split_dsn(dsn: str, options: ConnectionOptions) -> tuple[str, str, str]:
     """(conninfo for our database, conninfo for the server's `postgres` database, our database's name).
 
-    The database defaults to `kubernetes`, as in kine.
+    The database defaults to `kubernetes`, as in kine; kine's TLS flags become libpq's ssl parameters.
     """
     parts = urlsplit(dsn)
     database = parts.path.lstrip("/") or DEFAULT_DATABASE
-    ours = urlunsplit(("postgresql", parts.netloc, "/" + database, parts.query, ""))
-    server = urlunsplit(("postgresql", parts.netloc, "/postgres", parts.query, ""))
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    if options.ca_file:
+        params["sslrootcert"] = options.ca_file
+        params.setdefault("sslmode", "require" if options.skip_verify else "verify-full")
+    elif options.skip_verify:
+        params.setdefault("sslmode", "require")
+    if options.cert_file:
+        params["sslcert"] = options.cert_file
+    if options.key_file:
+        params["sslkey"] = options.key_file
+    query = urlencode(params)
+    ours = urlunsplit(("postgresql", parts.netloc, "/" + database, query, ""))
+    server = urlunsplit(("postgresql", parts.netloc, "/postgres", query, ""))
     return ours, server, database
 
 
-class PostgresBackend(Backend):
-    name = "postgres"
+class _Session:
+    def __init__(self, conn: AsyncConnection[Any]) -> None:
+        self.conn = conn
 
-    def __init__(self, dsn: str, *, max_connections: int = 8) -> None:
-        self.conninfo, self._server_conninfo, self.database = split_dsn(dsn)
-        self._max_connections = max_connections
-        self._writer: AsyncConnection[Any] | None = None
-        # Write batches, compaction steps and lease renewal take turns on the writer connection.
-        self._writer_lock = asyncio.Lock()
+    async def rows(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return await (await self.conn.execute(statement, params, binary=True)).fetchall()
+
+    async def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
+        await self.conn.execute(statement, params)
+
+    async def execute_many(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        async with self.conn.cursor() as cursor:
+            await cursor.executemany(statement, rows)
+
+
+class PostgresBackend(RemoteSQLBackend):
+    name = "postgres"
+    SQL = Statements(POSTGRES)
+    # The safety poll behind LISTEN/NOTIFY.
+    default_poll_interval = 1.0
+
+    def __init__(self, dsn: str, options: ConnectionOptions | None = None) -> None:
+        super().__init__(options or ConnectionOptions())
+        self.conninfo, self._server_conninfo, self.database = split_dsn(dsn, self.options)
         self._pool: AsyncConnectionPool | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     # -- connections -----------------------------------------------------------------
 
     async def start(self) -> None:
+        options = self.options
+        max_size = options.max_open_connections or DEFAULT_POOL_SIZE
         try:
             await self._create_database()
-            self._writer = await AsyncConnection.connect(self.conninfo, autocommit=True)
-            await self._init_schema(self._writer)
+            await self._init_schema()
             self._pool = AsyncConnectionPool(
                 self.conninfo,
-                min_size=1,
-                max_size=self._max_connections,
+                min_size=max(1, min(options.max_idle_connections or 2, max_size)),
+                max_size=max_size,
+                max_lifetime=options.connection_max_lifetime or 3600.0,
                 kwargs={"autocommit": True},
-                configure=self._configure,
+                timeout=POOL_WAIT,
+                # A restarted server leaves dead connections behind; keep trying to replace them.
+                reconnect_timeout=float("inf"),
                 open=False,
             )
             await self._pool.open(wait=True, timeout=30)
         except (psycopg.Error, OSError) as exc:
             raise BackendError(f"cannot open postgres database {self.database}: {exc}") from exc
-
-    @staticmethod
-    async def _configure(conn: AsyncConnection[Any]) -> None:
-        await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+        self._listener = asyncio.create_task(self._listen(), name="pykine-postgres-listen")
 
     async def _create_database(self) -> None:
         async with await AsyncConnection.connect(self._server_conninfo, autocommit=True) as conn:
@@ -107,165 +120,96 @@ class PostgresBackend(Backend):
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another instance was first
                     await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
 
-    async def _init_schema(self, conn: AsyncConnection[Any]) -> None:
-        async with conn.transaction():
+    @contextlib.asynccontextmanager
+    async def _schema_session(self) -> AsyncIterator[_Session]:
+        async with await AsyncConnection.connect(self.conninfo, autocommit=True) as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            for statement in SQL.schema:
-                await conn.execute(statement)
-            found = await (await conn.execute(SQL.meta, ("schema_version",))).fetchone()
-            if found is None:
-                meta = dict(INITIAL_META, cluster_id=random.getrandbits(63) or 1)
-                async with conn.cursor() as cursor:
-                    await cursor.executemany(SQL.insert_meta, list(meta.items()))
-            elif found[0] > SCHEMA_VERSION:
-                raise BackendError(f"schema version {found[0]} is newer than this pykine supports ({SCHEMA_VERSION})")
+            yield _Session(conn)
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self.close_duty_connection()
         if self._pool is not None:
             await self._pool.close()
-        if self._writer is not None:
-            await self._writer.close()
 
-    async def _read(self, fn: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """Run fn in one REPEATABLE READ transaction: one snapshot."""
+    @contextlib.asynccontextmanager
+    async def _connection(self, isolation: IsolationLevel, transaction: bool) -> AsyncIterator[_Session]:
         assert self._pool is not None
-        async with self._pool.connection() as conn, conn.transaction():
-            return await fn(conn)
+        try:
+            async with self._pool.connection() as conn:
+                if conn.isolation_level != isolation:
+                    await conn.set_isolation_level(isolation)
+                if transaction:
+                    async with conn.transaction():
+                        yield _Session(conn)
+                else:
+                    yield _Session(conn)
+        except psycopg.OperationalError:
+            # The server may have restarted: have the pool replace its other idle connections too.
+            asyncio.get_running_loop().create_task(self._pool.check())
+            raise
 
-    @staticmethod
-    async def _rows(conn: AsyncConnection[Any], statement: str, params: Any = ()) -> list[Any]:
-        return await (await conn.execute(statement, params)).fetchall()
+    def _read_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
+        return self._connection(IsolationLevel.REPEATABLE_READ, True)
 
-    @staticmethod
-    async def _revisions(conn: AsyncConnection[Any]) -> tuple[int, int]:
-        rows = dict(await (await conn.execute(SQL.revisions)).fetchall())
-        return rows["revision"], rows["compact_revision"]
+    def _write_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
+        return self._connection(IsolationLevel.READ_COMMITTED, True)
 
-    async def _meta(self, conn: AsyncConnection[Any], name: str) -> int:
-        row = await (await conn.execute(SQL.meta, (name,))).fetchone()
-        assert row is not None
-        return int(row[0])
+    def _single(self) -> contextlib.AbstractAsyncContextManager[_Session]:
+        return self._connection(IsolationLevel.READ_COMMITTED, False)
 
-    async def cluster_id(self) -> int:
-        return await self._read(lambda conn: self._meta(conn, "cluster_id"))
+    def _is_retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected)
 
-    # -- reads --------------------------------------------------------------------------
+    # -- the duty lock -------------------------------------------------------------------
 
-    async def revisions(self) -> tuple[int, int]:
-        return await self._read(self._revisions)
+    async def _connect_duty(self) -> AsyncConnection[Any]:
+        return await AsyncConnection.connect(self.conninfo, autocommit=True)
 
-    async def read_range(self, query: RangeQuery) -> RangeRows:
-        return await self._read(lambda conn: self._range(conn, query))
+    async def _try_duty_lock(self, connection: AsyncConnection[Any]) -> bool:
+        row = await (await connection.execute("SELECT pg_try_advisory_lock(%s)", (DUTY_LOCK,))).fetchone()
+        return bool(row and row[0])
 
-    async def _range(self, conn: AsyncConnection[Any], query: RangeQuery) -> RangeRows:
-        revision, compact = await self._revisions(conn)
-        if query.revision > revision or 0 < query.revision < compact or query.span.empty:
-            return RangeRows(revision, compact, [], 0)
-        count_sql, rows_sql, count_params, rows_params = SQL.range(query, revision)
-        count = (await self._rows(conn, count_sql, count_params))[0][0] if count_sql else None
-        if query.count_only:
-            return RangeRows(revision, compact, [], count or 0)
-        return range_rows(query, revision, compact, count, await self._rows(conn, rows_sql, rows_params))
+    async def _ping(self, connection: AsyncConnection[Any]) -> None:
+        await connection.execute("SELECT 1")
 
-    async def read_snapshot(self, reads: ReadSet) -> Snapshot:
-        return await self._read(lambda conn: self._snapshot(conn, reads))
+    async def _close_connection(self, connection: AsyncConnection[Any]) -> None:
+        await connection.close()
 
-    async def _snapshot(self, conn: AsyncConnection[Any], reads: ReadSet) -> Snapshot:
-        revision, compact = await self._revisions(conn)
-        queries = snapshot_queries(SQL, reads, revision, compact)
-        return assemble_snapshot(
-            revision, compact, [(q, await self._rows(conn, q.statement, q.params)) for q in queries]
-        )
+    # -- notifications ---------------------------------------------------------------------
 
-    async def read_history(self, first: int, last: int, span: KeySpan) -> HistoryRows:
-        async def read(conn: AsyncConnection[Any]) -> HistoryRows:
-            _, compact = await self._revisions(conn)
-            if first < compact:
-                return HistoryRows(compact, [])
-            statement, params = SQL.history(span)
-            rows = await self._rows(conn, statement, [first, last, *params])
-            return HistoryRows(compact, [history_change(row) for row in rows])
+    async def _notify_commit(self, session: _Session, revision: int) -> None:
+        await session.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.instance_id}:{revision}"))
 
-        return await self._read(read)
-
-    # -- writes ---------------------------------------------------------------------------
-
-    async def commit(self, reads: ReadSet, plan: Plan[T]) -> tuple[WriteSet, T]:
-        """Lock the revision row first: commits then follow revision order across instances."""
-        conn = self._writer
-        assert conn is not None
-        async with self._writer_lock, conn.transaction():
-            await conn.execute("SELECT value FROM meta WHERE name = 'revision' FOR UPDATE")
-            snapshot = await self._snapshot(conn, reads)
-            write_set, outcome = plan(snapshot)
-            async with conn.cursor() as cursor:
-                for statement, rows in write_statements(SQL, snapshot, write_set):
-                    await cursor.executemany(statement, rows)
-        return write_set, outcome
-
-    # -- leases ---------------------------------------------------------------------------
-
-    async def read_lease(self, lease_id: int, with_keys: bool) -> tuple[int, LeaseRow | None, list[bytes]]:
-        async def read(conn: AsyncConnection[Any]) -> tuple[int, LeaseRow | None, list[bytes]]:
-            revision, _ = await self._revisions(conn)
-            rows = await self._rows(conn, SQL.lease, (lease_id,))
-            if not rows:
-                return revision, None, []
-            keys = [row[0] for row in await self._rows(conn, SQL.lease_key_names, (lease_id,))] if with_keys else []
-            return revision, LeaseRow._make(rows[0]), keys
-
-        return await self._read(read)
-
-    async def lease_ids(self) -> tuple[int, list[int]]:
-        async def read(conn: AsyncConnection[Any]) -> tuple[int, list[int]]:
-            revision, _ = await self._revisions(conn)
-            return revision, [row[0] for row in await self._rows(conn, SQL.lease_ids)]
-
-        return await self._read(read)
-
-    async def due_leases(self, now: float, limit: int) -> list[int]:
-        rows = await self._read(lambda conn: self._rows(conn, SQL.due_leases, (now, limit)))
-        return [row[0] for row in rows]
-
-    async def renew_leases(self, now: float) -> None:
-        assert self._writer is not None
-        async with self._writer_lock:
-            await self._writer.execute(SQL.renew_leases, (now,))
-
-    # -- compaction --------------------------------------------------------------------------
-
-    async def compaction_progress(self) -> tuple[int, int]:
-        async def read(conn: AsyncConnection[Any]) -> tuple[int, int]:
-            return await self._meta(conn, "compact_revision"), await self._meta(conn, "compacted_through")
-
-        return await self._read(read)
-
-    async def compact_step(self, target: int, max_revisions: int) -> int:
-        """One short transaction; the progress row's lock makes instances take turns."""
-        conn = self._writer
-        assert conn is not None
-        async with self._writer_lock, conn.transaction():
-            row = await (
-                await conn.execute("SELECT value FROM meta WHERE name = 'compacted_through' FOR UPDATE")
-            ).fetchone()
-            assert row is not None
-            done = int(row[0])
-            upto = min(target, done + max_revisions)
-            if upto > done:
-                await conn.execute(SQL.compact_superseded, (done, upto))
-                await conn.execute(SQL.compact_tombstones, (done, upto))
-                await conn.execute(SQL.set_meta, (upto, "compacted_through"))
-        return max(upto, done)
+    async def _listen(self) -> None:
+        """Wake the watch feed when another instance commits; reconnect after failures."""
+        own = self.instance_id + ":"
+        while True:
+            try:
+                async with await AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    # Commits made while we were not listening: look once.
+                    self._commits.set()
+                    async for notice in conn.notifies():
+                        if not notice.payload.startswith(own):
+                            self._commits.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("listening for commits failed, reconnecting: %s", exc)
+                self._commits.set()
+                await asyncio.sleep(0.5)
 
     # -- maintenance ---------------------------------------------------------------------------
 
     async def status(self) -> StorageStatus:
-        rows = await self._read(lambda conn: self._rows(conn, "SELECT pg_database_size(current_database())"))
-        size = int(rows[0][0])
+        async with self._single() as session:
+            size = int((await session.rows("SELECT pg_database_size(current_database())"))[0][0])
         return StorageStatus(size, size)
 
     async def defragment(self) -> None:
         """Plain VACUUM: frees dead rows for reuse without locking writers out (not VACUUM FULL)."""
-        assert self._pool is not None
-        async with self._pool.connection() as conn:
-            await conn.execute("VACUUM kv, kv_history, lease, meta")
+        async with self._single() as session:
+            await session.execute("VACUUM kv, kv_history, lease, meta")

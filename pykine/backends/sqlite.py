@@ -9,6 +9,7 @@ lives in sqltext.py, shared with the other relational backends.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import sqlite3
@@ -44,6 +45,8 @@ from pykine.engine.records import (
 T = TypeVar("T")
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Processes sharing the file (--workers) look for each other's commits this often.
+POLL_INTERVAL = 0.02
 
 
 SQL = Statements(SQLITE)
@@ -59,17 +62,21 @@ class SQLiteBackend(Backend):
         synchronous: str = "FULL",
         busy_timeout_ms: int = 30000,
         readers: int = 2,
+        poll_interval: float = 0.0,
     ) -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise BackendError(f"sqlite synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         self.path = path
         self._synchronous = synchronous.upper()
         self._busy_timeout_ms = busy_timeout_ms
+        self._poll_interval = poll_interval or POLL_INTERVAL
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
+        # The duty claim among processes sharing the file: a lock on a file beside it.
+        self._duty_file: int | None = None
 
     # -- connections -----------------------------------------------------------
 
@@ -119,6 +126,9 @@ class SQLiteBackend(Backend):
             raise
 
     async def close(self) -> None:
+        if self._duty_file is not None:
+            os.close(self._duty_file)
+            self._duty_file = None
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         with self._connections_lock:
@@ -244,6 +254,20 @@ class SQLiteBackend(Backend):
 
     async def renew_leases(self, now: float) -> None:
         await self._on(self._writer, lambda: self._connection().execute(SQL.renew_leases, (now,)))
+
+    async def claim_duties(self) -> bool:
+        if self._duty_file is None:
+            descriptor = os.open(self.path + "-duties", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                return False
+            self._duty_file = descriptor
+        return True
+
+    async def wait_for_commits(self) -> None:
+        await asyncio.sleep(self._poll_interval)
 
     # -- compaction ------------------------------------------------------------------
 

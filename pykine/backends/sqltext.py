@@ -1,13 +1,15 @@
 """The SQL pykine's relational backends run, written once for every dialect.
 
-The statements use only SQL that SQLite and PostgreSQL both accept; the few
-places where dialects differ (parameter marker, an empty byte string, a
-planner hint, upserts) come from a Dialect. Statements are written with `?`
-markers and translated once per dialect.
+The statements use only SQL that SQLite, PostgreSQL and MySQL/MariaDB all
+accept; the few places where dialects differ (parameter marker, quoting of the
+`key` column, an empty byte string, a planner hint, column types, indexes,
+upserts, a self-referencing delete) come from a Dialect. Statements are
+written with `?` markers and translated once per dialect.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -49,16 +51,39 @@ class Dialect:
     empty_bytes: str
     # The key column written so the planner will not pick the key index for it.
     unindexed_key: str
-    # Types in the schema.
+    # Types in the schema: keys (indexed), values, names in meta.
+    key_type: str
     bytes_type: str
+    text_type: str
     integer_type: str
     real_type: str
     # A clause after a table's closing parenthesis (SQLite: WITHOUT ROWID).
     clustered: str
+    # MySQL: `key` is a reserved word, indexes are declared inside CREATE TABLE
+    # (MySQL 8 has no CREATE INDEX IF NOT EXISTS) and cannot be partial, upserts
+    # say ON DUPLICATE KEY UPDATE, and a DELETE cannot select from its own table.
+    mysql: bool = False
 
 
-SQLITE = Dialect("sqlite", "?", "x''", "+key", "BLOB", "INTEGER", "REAL", " WITHOUT ROWID")
-POSTGRES = Dialect("postgres", "%s", "'\\x'::bytea", "key", "BYTEA", "BIGINT", "DOUBLE PRECISION", "")
+SQLITE = Dialect("sqlite", "?", "x''", "+key", "BLOB", "BLOB", "TEXT", "INTEGER", "REAL", " WITHOUT ROWID")
+POSTGRES = Dialect("postgres", "%s", "'\\x'::bytea", "key", "BYTEA", "BYTEA", "TEXT", "BIGINT", "DOUBLE PRECISION", "")
+# InnoDB indexes hold at most 3072 bytes: keys up to MYSQL_MAX_KEY_BYTES leave room for a revision beside them.
+MYSQL_MAX_KEY_BYTES = 3000
+MYSQL = Dialect(
+    "mysql",
+    "%s",
+    "x''",
+    "key",
+    f"VARBINARY({MYSQL_MAX_KEY_BYTES})",
+    "LONGBLOB",
+    "VARCHAR(64)",
+    "BIGINT",
+    "DOUBLE",
+    " ENGINE=InnoDB",
+    mysql=True,
+)
+
+_KEY_WORD = re.compile(r"\bkey\b")
 
 
 class Statements:
@@ -68,6 +93,8 @@ class Statements:
         self.dialect = dialect
 
     def sql(self, text: str) -> str:
+        if self.dialect.mysql:
+            text = _KEY_WORD.sub("`key`", text)
         return text.replace("?", self.dialect.marker) if self.dialect.marker != "?" else text
 
     # -- schema ------------------------------------------------------------------
@@ -75,25 +102,35 @@ class Statements:
     @cached_property
     def schema(self) -> list[str]:
         d = self.dialect
-        b, i = d.bytes_type, d.integer_type
-        return [
-            f"CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value {i} NOT NULL){d.clustered}",
+        k, b, i = d.key_type, d.bytes_type, d.integer_type
+        tables = {
+            "meta": f"name {d.text_type} PRIMARY KEY, value {i} NOT NULL",
             # The live state: one row per existing key.
-            f"CREATE TABLE IF NOT EXISTS kv (key {b} PRIMARY KEY, create_revision {i} NOT NULL,"
-            f" mod_revision {i} NOT NULL, version {i} NOT NULL, value {b} NOT NULL, lease {i} NOT NULL){d.clustered}",
-            # Keys and revisions alone: exact counts read this small index instead of rows with values.
-            "CREATE INDEX IF NOT EXISTS kv_keys ON kv (key, mod_revision)",
-            # Keys by lease, for revoke and expiry: cost follows the lease's keys only.
-            "CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease != 0",
+            "kv": f"key {k} PRIMARY KEY, create_revision {i} NOT NULL, mod_revision {i} NOT NULL,"
+            f" version {i} NOT NULL, value {b} NOT NULL, lease {i} NOT NULL",
             # Every change: one row per key per revision; deleted rows are tombstones.
-            f"CREATE TABLE IF NOT EXISTS kv_history (revision {i} NOT NULL, sub {i} NOT NULL, key {b} NOT NULL,"
+            "kv_history": f"revision {i} NOT NULL, sub {i} NOT NULL, key {k} NOT NULL,"
             f" create_revision {i} NOT NULL, version {i} NOT NULL, value {b} NOT NULL, lease {i} NOT NULL,"
-            f" deleted {i} NOT NULL, prev_revision {i} NOT NULL, PRIMARY KEY (revision, sub)){d.clustered}",
-            "CREATE INDEX IF NOT EXISTS kv_history_key ON kv_history (key, revision)",
-            f"CREATE TABLE IF NOT EXISTS lease (id {i} PRIMARY KEY, ttl {i} NOT NULL,"
-            f" expires_at {d.real_type} NOT NULL)",
-            "CREATE INDEX IF NOT EXISTS lease_expiry ON lease (expires_at)",
+            f" deleted {i} NOT NULL, prev_revision {i} NOT NULL, PRIMARY KEY (revision, sub)",
+            "lease": f"id {i} PRIMARY KEY, ttl {i} NOT NULL, expires_at {d.real_type} NOT NULL",
+        }
+        indexes = [
+            # Keys and revisions alone: exact counts read this small index instead of rows with values.
+            ("kv_keys", "kv", "key, mod_revision", ""),
+            # Keys by lease, for revoke and expiry: cost follows the lease's keys only.
+            ("kv_lease", "kv", "lease", " WHERE lease != 0"),
+            ("kv_history_key", "kv_history", "key, revision", ""),
+            ("lease_expiry", "lease", "expires_at", ""),
         ]
+        statements = []
+        for table, columns in tables.items():
+            if d.mysql:
+                columns += "".join(f", INDEX {name} ({on})" for name, of, on, _ in indexes if of == table)
+            clustered = d.clustered if table != "lease" or d.mysql else ""
+            statements.append(self.sql(f"CREATE TABLE IF NOT EXISTS {table} ({columns}){clustered}"))
+        if not d.mysql:
+            statements += [f"CREATE INDEX IF NOT EXISTS {name} ON {of} ({on}){cond}" for name, of, on, cond in indexes]
+        return statements
 
     # -- pieces ------------------------------------------------------------------
 
@@ -168,6 +205,14 @@ class Statements:
     @cached_property
     def revisions(self) -> str:
         return "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')"
+
+    @cached_property
+    def both_revisions(self) -> str:
+        """The revision and compact revision in one row: one statement, so one snapshot."""
+        return (
+            "SELECT revision.value, compact.value FROM meta AS revision JOIN meta AS compact ON TRUE"
+            " WHERE revision.name = 'revision' AND compact.name = 'compact_revision'"
+        )
 
     @cached_property
     def meta(self) -> str:
@@ -249,20 +294,24 @@ class Statements:
     def delete_kv(self) -> str:
         return self.sql("DELETE FROM kv WHERE key = ?")
 
+    def upsert(self, table: str, fields: tuple[str, ...]) -> str:
+        """Insert a row or replace the one with the same first field (the primary key)."""
+        if self.dialect.mysql:
+            updates = ", ".join(f"{field} = VALUES({field})" for field in fields[1:])
+            conflict = f" ON DUPLICATE KEY UPDATE {updates}"
+        else:
+            updates = ", ".join(f"{field} = excluded.{field}" for field in fields[1:])
+            conflict = f" ON CONFLICT ({fields[0]}) DO UPDATE SET {updates}"
+        markers = ", ".join("?" * len(fields))
+        return self.sql(f"INSERT INTO {table} ({', '.join(fields)}) VALUES ({markers}){conflict}")
+
     @cached_property
     def upsert_kv(self) -> str:
-        updates = ", ".join(f"{field} = excluded.{field}" for field in KV_FIELDS[1:])
-        return self.sql(
-            f"INSERT INTO kv ({', '.join(KV_FIELDS)}) VALUES (?, ?, ?, ?, ?, ?)"
-            f" ON CONFLICT (key) DO UPDATE SET {updates}"
-        )
+        return self.upsert("kv", KV_FIELDS)
 
     @cached_property
     def upsert_lease(self) -> str:
-        return self.sql(
-            "INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET ttl = excluded.ttl, expires_at = excluded.expires_at"
-        )
+        return self.upsert("lease", ("id", "ttl", "expires_at"))
 
     @cached_property
     def delete_lease(self) -> str:
@@ -291,18 +340,33 @@ class Statements:
     @cached_property
     def compact_superseded(self) -> str:
         """A row at revision r in (done, upto] supersedes every older row of its key."""
-        return self.sql(
-            "DELETE FROM kv_history WHERE (revision, sub) IN ("
-            " SELECT old.revision, old.sub FROM kv_history AS cur"
-            " JOIN kv_history AS old ON old.key = cur.key"
+        older = (
+            " FROM kv_history AS cur JOIN kv_history AS old ON old.key = cur.key"
             " AND (old.revision < cur.revision OR (old.revision = cur.revision AND old.sub < cur.sub))"
-            " WHERE cur.revision > ? AND cur.revision <= ?)"
+            " WHERE cur.revision > ? AND cur.revision <= ?"
         )
+        if self.dialect.mysql:  # MySQL cannot delete from a table its subquery reads; a joined delete can
+            return self.sql(f"DELETE old{older}")
+        return self.sql(f"DELETE FROM kv_history WHERE (revision, sub) IN (SELECT old.revision, old.sub{older})")
 
     @cached_property
     def compact_tombstones(self) -> str:
         """A tombstone at or below the compact revision goes as well."""
         return self.sql("DELETE FROM kv_history WHERE revision > ? AND revision <= ? AND deleted = 1")
+
+
+# The statements that bring a schema from version N (the key) to N + 1; each runs once, under the schema lock.
+MIGRATIONS: dict[int, list[str]] = {}
+
+
+def upgrade_statements(sql: Statements, stored: int) -> list[tuple[str, list[Any]]]:
+    """What brings a datastore at schema version `stored` to SCHEMA_VERSION, ending with the new version."""
+    statements: list[tuple[str, list[Any]]] = []
+    for version in range(stored, SCHEMA_VERSION):
+        statements += [(sql.sql(text), []) for text in MIGRATIONS[version]]
+    if stored < SCHEMA_VERSION:
+        statements.append((sql.set_meta, [SCHEMA_VERSION, "schema_version"]))
+    return statements
 
 
 def history_change(row: tuple[Any, ...]) -> Change:

@@ -21,6 +21,13 @@ class KeyNotFoundError(EngineError):
     """ignore_value or ignore_lease on a key that does not exist."""
 
 
+class KeyTooLongError(EngineError):
+    """A put's key is longer than the datastore can index."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"pykine: key is longer than this datastore allows ({limit} bytes)")
+
+
 class UnavailableError(EngineError):
     """The datastore failed; nothing of the request was applied."""
 

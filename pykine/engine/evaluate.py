@@ -20,6 +20,7 @@ from pykine.engine.errors import (
     EngineError,
     FutureRevisionError,
     KeyNotFoundError,
+    KeyTooLongError,
     LeaseExistsError,
     LeaseNotFoundError,
     LeaseTTLTooLargeError,
@@ -292,7 +293,8 @@ class _Revisioning:
 class BatchState:
     """The latest state of every key a batch may touch, updated as it applies."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, max_key_bytes: int | None = None) -> None:
+        self.max_key_bytes = max_key_bytes
         self.revision = snapshot.revision
         self.compact_revision = snapshot.compact_revision
         self.kvs: dict[bytes, KeyValueRow] = {row.key: row for row in snapshot.latest}
@@ -395,6 +397,8 @@ class BatchState:
         return result
 
     def _check_put(self, request: Any, lease_first: bool) -> None:
+        if self.max_key_bytes is not None and len(request.key) > self.max_key_bytes:
+            raise KeyTooLongError(self.max_key_bytes)
         missing_key = (request.ignore_value or request.ignore_lease) and request.key not in self.kvs
         missing_lease = request.lease != 0 and request.lease not in self.leases
         if lease_first and missing_lease:

@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 
 # How often the expiry task looks for leases past their deadline.
 EXPIRY_INTERVAL = 0.25
-# How often the hub looks for commits made by other processes on the datastore.
-FEED_INTERVAL = 0.02
 EVERYTHING = KeySpan(b"\x00", None)
 
 
@@ -86,12 +84,13 @@ class Engine:
         self._compacted_through = 0
         self._compaction_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Whether this process holds the datastore's duties (lease expiry).
+        self._leading = False
 
     async def start(self) -> None:
         await self.backend.start()
         self.hub.start(*await self.backend.revisions())
-        # As etcd does on a restart, every lease gets its full TTL again.
-        await self.backend.renew_leases(time.time())
+        await self._claim_duties()
         target, done = await self.backend.compaction_progress()
         self._compact_target, self._compacted_through = target, done
         self._tasks = [
@@ -136,7 +135,7 @@ class Engine:
             snapshot = await self.backend.read_snapshot(reads)
         except Exception as exc:
             raise UnavailableError(str(exc)) from exc
-        outcome = BatchState(snapshot).apply(request)
+        outcome = BatchState(snapshot, self.backend.max_key_bytes).apply(request)
         if isinstance(outcome, EngineError):
             raise outcome
         assert isinstance(outcome, TxnResult)
@@ -189,7 +188,7 @@ class Engine:
             reads.update(item.reads)
 
         def plan(snapshot: Snapshot) -> tuple[WriteSet, list[WriteResult | EngineError]]:
-            state = BatchState(snapshot)
+            state = BatchState(snapshot, self.backend.max_key_bytes)
             outcomes = [state.apply(item.request) for item in batch]
             return state.write_set(), outcomes
 
@@ -246,8 +245,9 @@ class Engine:
 
     async def _feed_loop(self) -> None:
         """Follow commits other processes make on a shared datastore, in revision order."""
+        failing = False
         while True:
-            await asyncio.sleep(FEED_INTERVAL)
+            await self.backend.wait_for_commits()
             try:
                 revision, compact = await self.backend.revisions()
                 self.hub.compact_revision = max(self.hub.compact_revision, compact)
@@ -257,7 +257,14 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("following the datastore's commits failed: %s", exc)
+                if not failing:  # once per outage, not once per poll
+                    log.error("following the datastore's commits failed: %s", exc)
+                failing = True
+                await asyncio.sleep(0.2)
+                continue
+            if failing:
+                log.info("following the datastore's commits again")
+                failing = False
 
     # -- leases ---------------------------------------------------------------------
 
@@ -289,15 +296,31 @@ class Engine:
         except Exception as exc:
             raise UnavailableError(str(exc)) from exc
 
+    async def _claim_duties(self) -> None:
+        """Take the datastore's duties when free; a new holder renews every lease, as a new etcd leader does."""
+        try:
+            leading = await self.backend.claim_duties()
+            if leading and not self._leading:
+                await self.backend.renew_leases(time.time())
+                log.info("this instance now expires leases for the datastore")
+        except Exception as exc:
+            log.error("claiming the datastore's duties failed: %s", exc)
+            leading = False
+        self._leading = leading
+
     async def _expiry_loop(self) -> None:
         """Revoke leases past their deadline, found through the deadline index.
 
-        Each expiry goes through the write path and re-checks the deadline in
-        the write transaction, so a lease renewed meanwhile survives, and with
-        several instances only one of them deletes the keys.
+        Only the process holding the duties does this. Each expiry goes through
+        the write path and re-checks the deadline in the write transaction, so
+        a lease renewed meanwhile survives, and even two processes that both
+        believe they hold the duties delete a lease's keys only once.
         """
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL)
+            await self._claim_duties()
+            if not self._leading:
+                continue
             now = time.time()
             try:
                 due = await self.backend.due_leases(now, self._max_batch)

@@ -17,6 +17,7 @@ from pykine.engine.errors import (
     EngineError,
     FutureRevisionError,
     KeyNotFoundError,
+    KeyTooLongError,
     LeaseExistsError,
     LeaseNotFoundError,
     LeaseTTLTooLargeError,
@@ -65,6 +66,8 @@ ENGINE_ERRORS: dict[type[EngineError], EtcdError] = {
 def to_etcd_error(error: EngineError) -> EtcdError:
     if isinstance(error, UnavailableError):
         return EtcdError(Code.UNAVAILABLE, f"pykine: datastore unavailable: {error}")
+    if isinstance(error, KeyTooLongError):
+        return EtcdError(Code.INVALID_ARGUMENT, str(error))
     return ENGINE_ERRORS[type(error)]
 
 

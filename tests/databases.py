@@ -1,0 +1,249 @@
+"""Database servers for the tests: the machine's PostgreSQL and MariaDB when they run, or our own.
+
+PYKINE_TEST_BACKEND=postgres|mysql runs pykine on that database instead of
+SQLite. The server is PYKINE_TEST_POSTGRES / PYKINE_TEST_MYSQL if set, else
+the one on the standard loopback port if it answers, else one this module
+starts from the installed binaries in a temporary directory (stopped when the
+tests end). Every pykine datastore gets a database of its own, dropped at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+BACKEND = os.environ.get("PYKINE_TEST_BACKEND", "sqlite")
+if BACKEND not in ("sqlite", "postgres", "mysql"):
+    raise RuntimeError(f"PYKINE_TEST_BACKEND must be sqlite, postgres or mysql, not {BACKEND!r}")
+
+STANDARD_PORTS = {"postgres": 5432, "mysql": 3306}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until_answers(port: int, process: subprocess.Popen[bytes], log_path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            with open(log_path, errors="replace") as log:
+                raise RuntimeError(f"database server did not start:\n{log.read()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root; run it as the postgres user then."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+class OwnedServer:
+    """A database server this process started on a free loopback port; it can be stopped and started again."""
+
+    kind: str
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix=f"pykine-{self.kind}-")
+        os.chmod(self.directory, 0o777)
+        self.data = os.path.join(self.directory, "data")
+        self.log_path = os.path.join(self.directory, "server.log")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.initialise()
+
+    def initialise(self) -> None:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        wait_until_answers(self.port, self.process, self.log_path)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class OwnedPostgres(OwnedServer):
+    kind = "postgres"
+
+    @staticmethod
+    def binary(name: str) -> str:
+        found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or name]
+        return found[-1]
+
+    def initialise(self) -> None:
+        subprocess.run(
+            _as_postgres_user([self.binary("initdb"), "-D", self.data, "-U", "postgres", "-A", "trust"]),
+            check=True,
+            capture_output=True,
+        )
+
+    def command(self) -> list[str]:
+        return _as_postgres_user(
+            [
+                self.binary("postgres"),
+                "-D",
+                self.data,
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.directory}",
+            ]
+        )
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}"
+
+
+class OwnedMariaDB(OwnedServer):
+    kind = "mysql"
+
+    def initialise(self) -> None:
+        subprocess.run(
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={self.data}",
+                "--user=" + ("root" if os.geteuid() == 0 else os.environ.get("USER", "")),
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def command(self) -> list[str]:
+        return [
+            shutil.which("mariadbd") or "/usr/sbin/mariadbd",
+            "--no-defaults",
+            f"--datadir={self.data}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={os.path.join(self.directory, 'mysqld.sock')}",
+            f"--pid-file={os.path.join(self.directory, 'mysqld.pid')}",
+            "--skip-grant-tables",
+            "--innodb-buffer-pool-size=128M",
+            *(["--user=root"] if os.geteuid() == 0 else []),
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"mysql://root@tcp(127.0.0.1:{self.port})"
+
+
+OWNED = {"postgres": OwnedPostgres, "mysql": OwnedMariaDB}
+_servers: dict[str, str] = {}
+_owned: list[OwnedServer] = []
+_databases: set[tuple[str, str, str]] = set()
+
+
+def owned_server(kind: str) -> OwnedServer:
+    """A new server of `kind` that the caller owns (and must destroy)."""
+    server = OWNED[kind]()
+    server.start()
+    return server
+
+
+def server_url(kind: str) -> str:
+    """The base URL (no database) of a server of `kind` for the tests to use."""
+    if kind not in _servers:
+        configured = os.environ.get(f"PYKINE_TEST_{kind.upper()}", "")
+        if configured:
+            _servers[kind] = configured.rstrip("/")
+        elif answers(STANDARD_PORTS[kind]):
+            _servers[kind] = (
+                "postgres://postgres@127.0.0.1:5432" if kind == "postgres" else "mysql://root@tcp(127.0.0.1:3306)"
+            )
+        else:
+            server = owned_server(kind)
+            _owned.append(server)
+            _servers[kind] = server.url
+    return _servers[kind]
+
+
+def database_endpoint(kind: str, name: str, base: str | None = None) -> str:
+    """The endpoint of database `name` on a server of `kind`; it is dropped when the tests end."""
+    base = base or server_url(kind)
+    _databases.add((kind, base, name))
+    return f"{base}/{name}"
+
+
+def drop_database(kind: str, base: str, name: str) -> None:
+    if kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        mysql_statement(base, f"DROP DATABASE IF EXISTS `{name}`")
+
+
+def mysql_statement(base: str, statement: str) -> None:
+    """Run one statement on the MySQL server at `base` (mysql://user@tcp(host:port))."""
+    import asyncio
+    import re
+
+    import asyncmy
+
+    match = re.fullmatch(
+        r"mysql://(?P<user>[^:@]*)(?::(?P<password>[^@]*))?@tcp\((?P<host>[^:)]*):(?P<port>\d+)\)", base
+    )
+    assert match, base
+
+    async def run() -> None:
+        conn = await asyncmy.connect(
+            host=match["host"], port=int(match["port"]), user=match["user"], password=match["password"] or ""
+        )
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute(statement)
+        finally:
+            await conn.ensure_closed()
+
+    asyncio.run(run())
+
+
+@atexit.register
+def _cleanup() -> None:
+    for kind, base, name in _databases:
+        with contextlib.suppress(Exception):
+            drop_database(kind, base, name)
+    for server in _owned:
+        server.destroy()
