@@ -9,6 +9,7 @@ other's commits by polling the revision row (--datastore-poll-interval).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -26,8 +27,6 @@ from pykine.backends.sqltext import MYSQL, MYSQL_MAX_KEY_BYTES, Statements
 DEFAULT_DATABASE = "kubernetes"
 DEFAULT_PORT = 3306
 DEFAULT_POOL_SIZE = 8
-SCHEMA_LOCK = "pykine.schema"
-DUTY_LOCK = "pykine.duties"
 # Server error codes of a transaction that lost a lock race.
 DEADLOCK, LOCK_WAIT_TIMEOUT = 1213, 1205
 # kine's form is mysql://user:pass@tcp(host:port)/db; the plain URL form works too.
@@ -36,6 +35,12 @@ DSN = re.compile(
     r"(?:tcp\((?P<tcp>[^)]*)\)|unix\((?P<unix>[^)]*)\)|(?P<plain>[^/?]*))"
     r"(?:/(?P<database>[^?]*))?(?:\?(?P<query>.*))?$"
 )
+
+
+def lock_name(purpose: str, database: str) -> str:
+    """MySQL's named locks are server-wide: name them after the database (at most 64 characters)."""
+    name = f"pykine.{purpose}.{database}"
+    return name if len(name) <= 64 else f"pykine.{purpose}." + hashlib.sha1(database.encode()).hexdigest()
 
 
 def parse_dsn(dsn: str, options: ConnectionOptions) -> dict[str, Any]:
@@ -143,7 +148,7 @@ class MySQLBackend(RemoteSQLBackend):
         try:
             session = _Session(conn)
             # DDL commits implicitly in MySQL, so a named lock (not a transaction) keeps instances apart.
-            await session.execute("SELECT GET_LOCK(%s, 60)", (SCHEMA_LOCK,))
+            await session.execute("SELECT GET_LOCK(%s, 60)", (lock_name("schema", self.database),))
             yield session
         finally:
             await conn.ensure_closed()  # closing the connection releases the lock
@@ -188,7 +193,7 @@ class MySQLBackend(RemoteSQLBackend):
         return await self._connect()
 
     async def _try_duty_lock(self, connection: Connection) -> bool:
-        rows = await _Session(connection).rows("SELECT GET_LOCK(%s, 0)", (DUTY_LOCK,))
+        rows = await _Session(connection).rows("SELECT GET_LOCK(%s, 0)", (lock_name("duties", self.database),))
         return bool(rows and rows[0][0] == 1)
 
     async def _ping(self, connection: Connection) -> None:

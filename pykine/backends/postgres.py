@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "kubernetes"
 CHANNEL = "pykine_commits"
-# Advisory lock keys: schema creation, and the once-only duties.
+# Advisory lock keys (scoped to the database): schema creation, and the once-only duties.
 SCHEMA_LOCK = 0x70796B696E65  # "pykine"
 DUTY_LOCK = SCHEMA_LOCK + 1
 DEFAULT_POOL_SIZE = 8
