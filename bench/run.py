@@ -8,8 +8,10 @@ to bench/results/<YYYY-MM-DD>.json.
 
     .venv/bin/python bench/run.py [--objects 2000] [--clients 16] [--servers etcd,pykine]
 
-New servers (pykine on PostgreSQL or MariaDB, say) are new entries in SERVERS: a ServerSpec
-says how to launch the server and may prepare its database in setup() and drop it in teardown().
+New servers are new entries in SERVERS: a ServerSpec says how to launch the server and may
+prepare its database in setup() and drop it in teardown(). pykine-pg and pykine-mysql use the
+servers at PYKINE_BENCH_POSTGRES / PYKINE_BENCH_MYSQL (default: the standard loopback ports),
+each run in a fresh database of its own.
 """
 
 from __future__ import annotations
@@ -134,6 +136,42 @@ class PykineSpec(ServerSpec):
         return f"pykine {pykine.__version__}"
 
 
+@dataclass
+class PykineServerSpec(PykineSpec):
+    """pykine on a database server: a fresh database per run (pykine creates it), dropped afterwards."""
+
+    server: str = ""
+
+    def setup(self, workdir: Path) -> None:
+        self.database = f"pykine_bench_{os.getpid()}_{int(time.time())}"
+        self.endpoint = f"{self.server}/{self.database}"
+
+    def teardown(self, workdir: Path) -> None:
+        if self.server.startswith("postgres"):
+            import psycopg
+
+            with psycopg.connect(f"{self.server}/postgres", autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        else:
+            import asyncio
+
+            import asyncmy
+
+            from pykine.backends.base import ConnectionOptions
+            from pykine.backends.mysql import parse_dsn
+
+            args = parse_dsn(self.endpoint, ConnectionOptions())
+            del args["database"]
+
+            async def drop() -> None:
+                conn = await asyncmy.connect(**args)
+                async with conn.cursor() as cursor:
+                    await cursor.execute(f"DROP DATABASE IF EXISTS `{self.database}`")
+                await conn.ensure_closed()
+
+            asyncio.run(drop())
+
+
 # The first selected server is the baseline the others are compared with.
 SERVERS: list[ServerSpec] = [
     EtcdSpec("etcd", "etcd 3.4 (Debian), one member, data in a temporary directory"),
@@ -142,6 +180,16 @@ SERVERS: list[ServerSpec] = [
         "pykine-2w",
         "pykine on SQLite with --workers 2: two serving processes on one port and one file",
         args=("--workers=2",),
+    ),
+    PykineServerSpec(
+        "pykine-pg",
+        "pykine on PostgreSQL (the machine's server, default settings: fsync on)",
+        server=os.environ.get("PYKINE_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432"),
+    ),
+    PykineServerSpec(
+        "pykine-mysql",
+        "pykine on MariaDB (the machine's server, default settings: InnoDB flush at each commit)",
+        server=os.environ.get("PYKINE_BENCH_MYSQL", "mysql://root@tcp(127.0.0.1:3306)"),
     ),
 ]
 
@@ -530,7 +578,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [spec.name for spec in SERVERS]
     parser.add_argument(
         "--servers",
-        default="etcd,pykine",
+        default="etcd,pykine,pykine-pg,pykine-mysql",
         help=f"comma-separated, in order; the first is the baseline (known: {', '.join(names)})",
     )
     parser.add_argument("--out", type=Path, help="results file (default: bench/results/<YYYY-MM-DD>.json)")

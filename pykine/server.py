@@ -16,6 +16,7 @@ from pykine import __version__
 from pykine.backends import open_backend
 from pykine.backends.base import BackendError
 from pykine.cli import Settings, fail
+from pykine.engine.records import MemberRow
 from pykine.engine.store import Engine
 from pykine.logs import setup_logging
 from pykine.metrics import serve_metrics
@@ -115,13 +116,14 @@ async def serve(settings: Settings) -> None:
     url = client_url(address, port)
     cluster_id = await backend.cluster_id()
     identity = Identity(cluster_id=cluster_id, member_id=member_id(cluster_id, url))
+    await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
     server.add_generic_rpc_handlers(
         (
             service_handler("KV", KVService(engine, identity)),
             service_handler("Watch", WatchService(engine, identity)),
             service_handler("Lease", LeaseService(engine, identity)),
             service_handler("Maintenance", MaintenanceService(engine, identity, settings.emulated_etcd_version)),
-            service_handler("Cluster", ClusterService(identity, socket.gethostname(), [url])),
+            service_handler("Cluster", ClusterService(engine, identity)),
         )
     )
     health_servicer = health.aio.HealthServicer()

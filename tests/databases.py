@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 BACKEND = os.environ.get("PYKINE_TEST_BACKEND", "sqlite")
 if BACKEND not in ("sqlite", "postgres", "mysql"):
@@ -83,8 +84,10 @@ class OwnedServer:
         wait_until_answers(self.port, self.process, self.log_path)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server (0: it has been signalled already) and wait for it to exit."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
+            if sig:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -130,6 +133,16 @@ class OwnedPostgres(OwnedServer):
     @property
     def url(self) -> str:
         return f"postgres://postgres@127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        """Signal the postmaster itself (not runuser): SIGINT is a fast shutdown, SIGQUIT an immediate one.
+
+        A smart shutdown (SIGTERM) would wait for pykine's sessions to end.
+        """
+        if self.process is not None and self.process.poll() is None:
+            with open(os.path.join(self.data, "postmaster.pid")) as pid_file:
+                os.kill(int(pid_file.readline()), sig)
+        super().stop(0)
 
 
 class OwnedMariaDB(OwnedServer):
@@ -212,32 +225,48 @@ def drop_database(kind: str, base: str, name: str) -> None:
         with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        mysql_statement(base, f"DROP DATABASE IF EXISTS `{name}`")
+        run_sql(base, f"DROP DATABASE IF EXISTS `{name}`")
 
 
-def mysql_statement(base: str, statement: str) -> None:
-    """Run one statement on the MySQL server at `base` (mysql://user@tcp(host:port))."""
+def run_sql(endpoint: str, statement: str) -> list[tuple[Any, ...]]:
+    """Run one statement on a datastore (a sqlite:// path, a postgres:// or mysql://...tcp(host:port) URL)."""
+    if endpoint.startswith("sqlite://"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(endpoint.removeprefix("sqlite://"), isolation_level=None)) as conn:
+            return conn.execute(statement).fetchall()
+    if endpoint.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(endpoint, autocommit=True) as conn:
+            cursor = conn.execute(statement)
+            return cursor.fetchall() if cursor.description else []
     import asyncio
     import re
 
     import asyncmy
 
-    match = re.fullmatch(
-        r"mysql://(?P<user>[^:@]*)(?::(?P<password>[^@]*))?@tcp\((?P<host>[^:)]*):(?P<port>\d+)\)", base
-    )
-    assert match, base
+    pattern = r"mysql://(?P<user>[^:@]*)(?::(?P<password>[^@]*))?@tcp\((?P<host>[^:)]*):(?P<port>\d+)\)/?(?P<db>.*)"
+    match = re.fullmatch(pattern, endpoint)
+    assert match, endpoint
 
-    async def run() -> None:
+    async def run() -> list[tuple[Any, ...]]:
         conn = await asyncmy.connect(
-            host=match["host"], port=int(match["port"]), user=match["user"], password=match["password"] or ""
+            host=match["host"],
+            port=int(match["port"]),
+            user=match["user"],
+            password=match["password"] or "",
+            database=match["db"] or None,
+            autocommit=True,
         )
         try:
             async with conn.cursor() as cursor:
                 await cursor.execute(statement)
+                return list(await cursor.fetchall())
         finally:
             await conn.ensure_closed()
 
-    asyncio.run(run())
+    return asyncio.run(run())
 
 
 @atexit.register

@@ -13,7 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pykine.engine.records import HistoryRows, KeySpan, LeaseRow, RangeQuery, RangeRows, ReadSet, Snapshot, WriteSet
+from pykine.engine.records import (
+    HistoryRows,
+    KeySpan,
+    LeaseRow,
+    MemberRow,
+    RangeQuery,
+    RangeRows,
+    ReadSet,
+    Snapshot,
+    WriteSet,
+)
 
 T = TypeVar("T")
 
@@ -116,6 +126,18 @@ class Backend(ABC):
     @abstractmethod
     async def wait_for_commits(self) -> None:
         """Return when another process may have committed (a notification or a poll interval)."""
+
+    @abstractmethod
+    async def heartbeat(self, member: MemberRow, now: float) -> None:
+        """Record that `member` is serving, as of `now` (Unix time)."""
+
+    @abstractmethod
+    async def members(self, since: float) -> list[MemberRow]:
+        """The members heard from at or after `since`, by id."""
+
+    @abstractmethod
+    async def leave(self, member_id: int) -> None:
+        """Forget a member that stops serving."""
 
     @abstractmethod
     async def compact_step(self, target: int, max_revisions: int) -> int:

@@ -27,6 +27,8 @@ from pykine.backends.sqltext import MYSQL, MYSQL_MAX_KEY_BYTES, Statements
 DEFAULT_DATABASE = "kubernetes"
 DEFAULT_PORT = 3306
 DEFAULT_POOL_SIZE = 8
+# "IF NOT EXISTS" statements that find what they would create leave notes, which asyncmy logs as warnings.
+QUIET = "SET SESSION sql_notes = 0"
 # Server error codes of a transaction that lost a lock race.
 DEADLOCK, LOCK_WAIT_TIMEOUT = 1213, 1205
 # kine's form is mysql://user:pass@tcp(host:port)/db; the plain URL form works too.
@@ -128,6 +130,7 @@ class MySQLBackend(RemoteSQLBackend):
             server = await asyncmy.connect(**self._connect_args)
             try:
                 async with server.cursor() as cursor:
+                    await cursor.execute(QUIET)
                     await cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{self.database.replace('`', '``')}`")
             finally:
                 await server.ensure_closed()
@@ -147,6 +150,7 @@ class MySQLBackend(RemoteSQLBackend):
         conn = await self._connect()
         try:
             session = _Session(conn)
+            await session.execute(QUIET)
             # DDL commits implicitly in MySQL, so a named lock (not a transaction) keeps instances apart.
             await session.execute("SELECT GET_LOCK(%s, 60)", (lock_name("schema", self.database),))
             yield session
@@ -163,6 +167,7 @@ class MySQLBackend(RemoteSQLBackend):
     async def _transaction(self, begin: str) -> AsyncIterator[_Session]:
         async with self._pool.acquire() as conn:
             session = _Session(conn)
+            await session.execute(QUIET)
             await session.execute(begin)
             try:
                 yield session

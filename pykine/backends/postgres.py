@@ -33,7 +33,11 @@ DUTY_LOCK = SCHEMA_LOCK + 1
 DEFAULT_POOL_SIZE = 8
 CONNECT_TIMEOUT = "5"
 # How long a request waits for a pooled connection before failing UNAVAILABLE.
-POOL_WAIT = 5.0
+POOL_WAIT = 2.0
+# How long the pool keeps retrying one lost connection (with growing pauses) before it gives
+# up; a request that then needs a connection makes a fresh attempt at once. Without a bound,
+# the pauses grow with the outage and delay recovery after the server is back.
+RECONNECT_TIMEOUT = 3.0
 
 
 def split_dsn(dsn: str, options: ConnectionOptions) -> tuple[str, str, str]:
@@ -102,8 +106,7 @@ class PostgresBackend(RemoteSQLBackend):
                 max_lifetime=options.connection_max_lifetime or 3600.0,
                 kwargs={"autocommit": True},
                 timeout=POOL_WAIT,
-                # A restarted server leaves dead connections behind; keep trying to replace them.
-                reconnect_timeout=float("inf"),
+                reconnect_timeout=RECONNECT_TIMEOUT,
                 open=False,
             )
             await self._pool.open(wait=True, timeout=30)
@@ -117,7 +120,8 @@ class PostgresBackend(RemoteSQLBackend):
                 await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
             ).fetchone()
             if found is None:
-                with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another instance was first
+                # Another instance was first (caught by the name check, or by the catalog's unique index).
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
                     await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
 
     @contextlib.asynccontextmanager

@@ -38,6 +38,8 @@ from pykine.backends.sqltext import (
     Statements,
     assemble_snapshot,
     history_change,
+    member_params,
+    member_rows,
     range_rows,
     snapshot_queries,
     upgrade_statements,
@@ -48,6 +50,7 @@ from pykine.engine.records import (
     KeySpan,
     KeyValueRow,
     LeaseRow,
+    MemberRow,
     RangeQuery,
     RangeRows,
     ReadSet,
@@ -268,6 +271,20 @@ class RemoteSQLBackend(Backend):
                 log.warning("lost the datastore's duty lock: %s", exc)
             self._duty_connection = None
             return False
+
+    # -- members -------------------------------------------------------------------------------
+
+    async def heartbeat(self, member: MemberRow, now: float) -> None:
+        async with self._single() as session:
+            await session.execute(self.SQL.upsert_member, member_params(member, now))
+
+    async def members(self, since: float) -> list[MemberRow]:
+        async with self._single() as session:
+            return member_rows(await session.rows(self.SQL.members, (since,)))
+
+    async def leave(self, member_id: int) -> None:
+        async with self._single() as session:
+            await session.execute(self.SQL.delete_member, (member_id,))
 
     # -- compaction ----------------------------------------------------------------------------
 

@@ -26,8 +26,11 @@ from pykine.backends.sqltext import (
     Statements,
     assemble_snapshot,
     history_change,
+    member_params,
+    member_rows,
     range_rows,
     snapshot_queries,
+    upgrade_statements,
     write_statements,
 )
 from pykine.engine.records import (
@@ -35,6 +38,7 @@ from pykine.engine.records import (
     KeySpan,
     KeyValueRow,
     LeaseRow,
+    MemberRow,
     RangeQuery,
     RangeRows,
     ReadSet,
@@ -120,6 +124,9 @@ class SQLiteBackend(Backend):
                 raise sqlite3.DatabaseError(
                     f"schema version {found[0]} is newer than this pykine supports ({SCHEMA_VERSION})"
                 )
+            else:
+                for statement, params in upgrade_statements(SQL, found[0]):
+                    conn.execute(statement, params)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -268,6 +275,19 @@ class SQLiteBackend(Backend):
 
     async def wait_for_commits(self) -> None:
         await asyncio.sleep(self._poll_interval)
+
+    # -- members ---------------------------------------------------------------------
+
+    async def heartbeat(self, member: MemberRow, now: float) -> None:
+        await self._on(self._writer, lambda: self._connection().execute(SQL.upsert_member, member_params(member, now)))
+
+    async def members(self, since: float) -> list[MemberRow]:
+        return await self._on(
+            self._readers, lambda: member_rows(self._connection().execute(SQL.members, (since,)).fetchall())
+        )
+
+    async def leave(self, member_id: int) -> None:
+        await self._on(self._writer, lambda: self._connection().execute(SQL.delete_member, (member_id,)))
 
     # -- compaction ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from pykine.engine.records import (
     KeySpan,
     KeyValueRow,
     LeaseRow,
+    MemberRow,
     RangeQuery,
     RangeRows,
     ReadSet,
@@ -27,7 +28,8 @@ from pykine.engine.records import (
     WriteSet,
 )
 
-SCHEMA_VERSION = 1
+# 1: meta, kv, kv_history, lease. 2: member (the instances serving the datastore, for MemberList).
+SCHEMA_VERSION = 2
 
 # Keys or lease ids per IN (...) list.
 IN_CHUNK = 500
@@ -100,7 +102,8 @@ class Statements:
     # -- schema ------------------------------------------------------------------
 
     @cached_property
-    def schema(self) -> list[str]:
+    def tables(self) -> dict[str, str]:
+        """Each table's CREATE TABLE statement (with its indexes, in MySQL)."""
         d = self.dialect
         k, b, i = d.key_type, d.bytes_type, d.integer_type
         tables = {
@@ -113,8 +116,21 @@ class Statements:
             f" create_revision {i} NOT NULL, version {i} NOT NULL, value {b} NOT NULL, lease {i} NOT NULL,"
             f" deleted {i} NOT NULL, prev_revision {i} NOT NULL, PRIMARY KEY (revision, sub)",
             "lease": f"id {i} PRIMARY KEY, ttl {i} NOT NULL, expires_at {d.real_type} NOT NULL",
+            # Each serving instance and when it last said it was alive.
+            "member": f"id {i} PRIMARY KEY, name {b} NOT NULL, client_url {b} NOT NULL, seen_at {d.real_type} NOT NULL",
         }
-        indexes = [
+        statements = {}
+        for table, columns in tables.items():
+            if d.mysql:
+                columns += "".join(f", INDEX {name} ({on})" for name, of, on, _ in self.indexes if of == table)
+            clustered = d.clustered if table != "lease" or d.mysql else ""
+            statements[table] = self.sql(f"CREATE TABLE IF NOT EXISTS {table} ({columns}){clustered}")
+        return statements
+
+    @cached_property
+    def indexes(self) -> list[tuple[str, str, str, str]]:
+        """(name, table, columns, partial-index condition) of every index."""
+        return [
             # Keys and revisions alone: exact counts read this small index instead of rows with values.
             ("kv_keys", "kv", "key, mod_revision", ""),
             # Keys by lease, for revoke and expiry: cost follows the lease's keys only.
@@ -122,14 +138,15 @@ class Statements:
             ("kv_history_key", "kv_history", "key, revision", ""),
             ("lease_expiry", "lease", "expires_at", ""),
         ]
-        statements = []
-        for table, columns in tables.items():
-            if d.mysql:
-                columns += "".join(f", INDEX {name} ({on})" for name, of, on, _ in indexes if of == table)
-            clustered = d.clustered if table != "lease" or d.mysql else ""
-            statements.append(self.sql(f"CREATE TABLE IF NOT EXISTS {table} ({columns}){clustered}"))
-        if not d.mysql:
-            statements += [f"CREATE INDEX IF NOT EXISTS {name} ON {of} ({on}){cond}" for name, of, on, cond in indexes]
+
+    @cached_property
+    def schema(self) -> list[str]:
+        """The whole schema at SCHEMA_VERSION; every statement is idempotent."""
+        statements = list(self.tables.values())
+        if not self.dialect.mysql:
+            statements += [
+                f"CREATE INDEX IF NOT EXISTS {name} ON {of} ({on}){cond}" for name, of, on, cond in self.indexes
+            ]
         return statements
 
     # -- pieces ------------------------------------------------------------------
@@ -338,6 +355,18 @@ class Statements:
         return self.sql("UPDATE lease SET expires_at = ? + ttl")
 
     @cached_property
+    def upsert_member(self) -> str:
+        return self.upsert("member", ("id", "name", "client_url", "seen_at"))
+
+    @cached_property
+    def members(self) -> str:
+        return self.sql("SELECT id, name, client_url FROM member WHERE seen_at >= ? ORDER BY id")
+
+    @cached_property
+    def delete_member(self) -> str:
+        return self.sql("DELETE FROM member WHERE id = ?")
+
+    @cached_property
     def compact_superseded(self) -> str:
         """A row at revision r in (done, upto] supersedes every older row of its key."""
         older = (
@@ -355,18 +384,26 @@ class Statements:
         return self.sql("DELETE FROM kv_history WHERE revision > ? AND revision <= ? AND deleted = 1")
 
 
-# The statements that bring a schema from version N (the key) to N + 1; each runs once, under the schema lock.
-MIGRATIONS: dict[int, list[str]] = {}
+# The tables that bring a schema from version N (the key) to N + 1; each upgrade runs under the schema lock.
+MIGRATIONS: dict[int, list[str]] = {1: ["member"]}
 
 
 def upgrade_statements(sql: Statements, stored: int) -> list[tuple[str, list[Any]]]:
     """What brings a datastore at schema version `stored` to SCHEMA_VERSION, ending with the new version."""
     statements: list[tuple[str, list[Any]]] = []
     for version in range(stored, SCHEMA_VERSION):
-        statements += [(sql.sql(text), []) for text in MIGRATIONS[version]]
+        statements += [(sql.tables[table], []) for table in MIGRATIONS[version]]
     if stored < SCHEMA_VERSION:
         statements.append((sql.set_meta, [SCHEMA_VERSION, "schema_version"]))
     return statements
+
+
+def member_params(member: MemberRow, now: float) -> tuple[Any, ...]:
+    return member.id, member.name.encode(), member.client_url.encode(), now
+
+
+def member_rows(rows: list[tuple[Any, ...]]) -> list[MemberRow]:
+    return [MemberRow(row[0], bytes(row[1]).decode(), bytes(row[2]).decode()) for row in rows]
 
 
 def history_change(row: tuple[Any, ...]) -> Change:

@@ -114,6 +114,14 @@ class SnapshotRead(NamedTuple):
     revision: int
 
 
+class MemberRow(NamedTuple):
+    """A pykine instance serving the datastore, as MemberList shows it."""
+
+    id: int
+    name: str
+    client_url: str
+
+
 class LeaseRow(NamedTuple):
     """A lease: its granted TTL in seconds and its deadline (Unix time)."""
 

@@ -31,7 +31,7 @@ from pykine.engine.evaluate import (
     is_write,
     range_query,
 )
-from pykine.engine.records import Change, KeySpan, ReadSet, Snapshot, WriteSet
+from pykine.engine.records import Change, KeySpan, MemberRow, ReadSet, Snapshot, WriteSet
 from pykine.engine.results import (
     CompactResult,
     DeleteResult,
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 # How often the expiry task looks for leases past their deadline.
 EXPIRY_INTERVAL = 0.25
+# How often an instance tells the datastore it is serving, and when others stop listing it.
+HEARTBEAT_INTERVAL = 2.0
+MEMBER_TIMEOUT = 10.0
 EVERYTHING = KeySpan(b"\x00", None)
 
 
@@ -86,6 +89,8 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         # Whether this process holds the datastore's duties (lease expiry).
         self._leading = False
+        self._member: MemberRow | None = None
+        self._heard_at = 0.0
 
     async def start(self) -> None:
         await self.backend.start()
@@ -106,6 +111,11 @@ class Engine:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._member is not None:
+            try:
+                await self.backend.leave(self._member.id)
+            except Exception as exc:
+                log.warning("could not remove this member from the datastore: %s", exc)
         for item in self._pending:
             if not item.future.done():
                 item.future.set_exception(UnavailableError("server is shutting down"))
@@ -199,8 +209,12 @@ class Engine:
             raise
         except Exception as exc:
             metrics.WRITE_BATCH_FAILURES.inc()
-            log.error("write batch of %d requests failed: %s", len(batch), exc, exc_info=True)
-            for item in batch:
+            # Requests that queued while the datastore was failing fail with this batch instead
+            # of each waiting out its own failure: clients hear UNAVAILABLE promptly and retry.
+            waiting = list(self._pending)
+            self._pending.clear()
+            log.error("write batch of %d requests failed: %s", len(batch) + len(waiting), exc, exc_info=True)
+            for item in batch + waiting:
                 if not item.future.done():
                     item.future.set_exception(UnavailableError(str(exc)))
             return
@@ -318,6 +332,8 @@ class Engine:
         """
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL)
+            if time.time() - self._heard_at >= HEARTBEAT_INTERVAL:
+                await self._heartbeat()
             await self._claim_duties()
             if not self._leading:
                 continue
@@ -334,6 +350,33 @@ class Engine:
                 for outcome in outcomes:
                     if isinstance(outcome, Exception):
                         log.error("lease expiry failed: %s", outcome)
+
+    # -- members ------------------------------------------------------------------
+
+    async def join(self, member: MemberRow) -> None:
+        """Serve as `member`: listed by MemberList on every instance while its heartbeats continue."""
+        self._member = member
+        await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        if self._member is None:
+            return
+        now = time.time()
+        try:
+            await self.backend.heartbeat(self._member, now)
+            self._heard_at = now
+        except Exception as exc:
+            log.error("member heartbeat failed: %s", exc)
+
+    async def members(self) -> list[MemberRow]:
+        """The instances serving this datastore (this one always among them), by id."""
+        try:
+            found = await self.backend.members(time.time() - MEMBER_TIMEOUT)
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        if self._member is not None and self._member.id not in {member.id for member in found}:
+            found = sorted([*found, self._member])
+        return found
 
     # -- compaction -----------------------------------------------------------------
 

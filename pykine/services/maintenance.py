@@ -1,4 +1,4 @@
-"""etcdserverpb.Maintenance and etcdserverpb.Cluster: one member, no alarms."""
+"""etcdserverpb.Maintenance and etcdserverpb.Cluster: the instances sharing a datastore as members, no alarms."""
 
 from __future__ import annotations
 
@@ -49,13 +49,20 @@ class MaintenanceService:
 
 
 class ClusterService:
-    def __init__(self, identity: Identity, name: str, client_urls: list[str]) -> None:
+    def __init__(self, engine: Engine, identity: Identity) -> None:
+        self.engine = engine
         self.identity = identity
-        self.member = rpc_pb2.Member(ID=identity.member_id, name=name, clientURLs=client_urls)
 
     @etcd_errors
     async def MemberList(
         self, request: rpc_pb2.MemberListRequest, context: grpc.aio.ServicerContext
     ) -> rpc_pb2.MemberListResponse:
-        """Cluster headers in etcd 3.4 carry ids and term but no revision."""
-        return rpc_pb2.MemberListResponse(header=self.identity.header(0), members=[self.member])
+        """Every instance serving the datastore, as etcd lists its members (by id).
+
+        Cluster headers in etcd 3.4 carry ids and term but no revision.
+        """
+        members = [
+            rpc_pb2.Member(ID=member.id, name=member.name, clientURLs=[member.client_url])
+            for member in await self.engine.members()
+        ]
+        return rpc_pb2.MemberListResponse(header=self.identity.header(0), members=members)
