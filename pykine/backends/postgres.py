@@ -90,6 +90,7 @@ class PostgresBackend(RemoteSQLBackend):
         self.conninfo, self._server_conninfo, self.database = split_dsn(dsn, self.options)
         self._pool: AsyncConnectionPool | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._pool_check: asyncio.Task[None] | None = None
 
     # -- connections -----------------------------------------------------------------
 
@@ -152,7 +153,8 @@ class PostgresBackend(RemoteSQLBackend):
                     yield _Session(conn)
         except psycopg.OperationalError:
             # The server may have restarted: have the pool replace its other idle connections too.
-            asyncio.get_running_loop().create_task(self._pool.check())
+            if self._pool_check is None or self._pool_check.done():
+                self._pool_check = asyncio.create_task(self._pool.check())
             raise
 
     def _read_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
