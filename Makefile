@@ -38,12 +38,14 @@ proto: $(STAMP)
 bench: system-deps $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# Real etcd and etcdctl for the differential tests, and Go with the real etcd
-# Go client's source for the Go client tests, all from Debian.
-SYSTEM_PACKAGES := etcd-server etcd-client golang-go golang-etcd-server-dev
+# Real etcd and etcdctl for the differential tests, Go with the real etcd Go
+# client's source for the Go client tests, and PostgreSQL and MariaDB binaries
+# for the tests to start their own servers where none runs, all from Debian.
+SYSTEM_PACKAGES := etcd-server etcd-client golang-go golang-etcd-server-dev postgresql mariadb-server
 system-deps:
 	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && command -v go >/dev/null \
-		&& test -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 || { \
+		&& test -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 \
+		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v mariadbd >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 
 $(STAMP): pyproject.toml

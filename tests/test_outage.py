@@ -32,9 +32,9 @@ from harness import PykineServer, WatchSession, call, pb
 PREFIX = b"outage/"
 PREFIX_END = b"outage0"
 WRITERS = 4
-# Every request's gRPC deadline. pykine gives up waiting for a database connection after 5 s and
+# Every request's gRPC deadline. pykine gives up waiting for a database connection after 2 s and
 # answers UNAVAILABLE; a client must hear that before its deadline, or it learns nothing. 8 s leaves
-# room for a request's own work, not for queueing behind other requests' 5 s waits.
+# room for a request's own work, not for queueing behind other requests' waits.
 TIMEOUT = 8.0
 ACKS_BEFORE = 150  # puts acknowledged before the database goes down
 ACKS_AFTER = 150  # and after it is back

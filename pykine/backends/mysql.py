@@ -100,9 +100,10 @@ class _Session:
         async with self.conn.cursor() as cursor:
             await cursor.execute(statement, params or None)
 
-    async def execute_many(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         async with self.conn.cursor() as cursor:
-            await cursor.executemany(statement, rows)
+            for statement, rows in statements:
+                await cursor.executemany(statement, rows)
 
 
 class MySQLBackend(RemoteSQLBackend):

@@ -74,9 +74,11 @@ class _Session:
     async def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
         await self.conn.execute(statement, params)
 
-    async def execute_many(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        async with self.conn.cursor() as cursor:
-            await cursor.executemany(statement, rows)
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """One pipeline: the statements go out together and the batch waits for the server once."""
+        async with self.conn.pipeline(), self.conn.cursor() as cursor:
+            for statement, rows in statements:
+                await cursor.executemany(statement, rows)
 
 
 class PostgresBackend(RemoteSQLBackend):
@@ -186,8 +188,8 @@ class PostgresBackend(RemoteSQLBackend):
 
     # -- notifications ---------------------------------------------------------------------
 
-    async def _notify_commit(self, session: _Session, revision: int) -> None:
-        await session.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.instance_id}:{revision}"))
+    def _commit_notice(self, revision: int) -> list[tuple[str, list[Any]]]:
+        return [("SELECT pg_notify(%s, %s)", [(CHANNEL, f"{self.instance_id}:{revision}")])]
 
     async def _listen(self) -> None:
         """Wake the watch feed when another instance commits; reconnect after failures."""

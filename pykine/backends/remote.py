@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 # A batch that lost a deadlock or serialization race is rolled back; its plan is pure, so it runs again.
 COMMIT_ATTEMPTS = 3
-LOCK_REVISION = "SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"
+# The counters a write batch starts from, with the revision counter's row locked until it commits.
+LOCK_REVISIONS = "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision') FOR UPDATE"
 LOCK_COMPACTION = "SELECT value FROM meta WHERE name = 'compacted_through' FOR UPDATE"
 
 
@@ -74,7 +75,8 @@ class Session(Protocol):
 
     async def execute(self, statement: str, params: Sequence[Any] = ()) -> None: ...
 
-    async def execute_many(self, statement: str, rows: Sequence[Sequence[Any]]) -> None: ...
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Run each statement for each of its rows, in order (pipelined where the driver can)."""
 
 
 class RemoteSQLBackend(Backend):
@@ -129,8 +131,9 @@ class RemoteSQLBackend(Backend):
     @abstractmethod
     async def _close_connection(self, connection: Any) -> None: ...
 
-    async def _notify_commit(self, session: Session, revision: int) -> None:
-        """Tell other instances about a commit, inside its transaction (where the server can)."""
+    def _commit_notice(self, revision: int) -> list[tuple[str, list[Any]]]:
+        """Statements that tell other instances about a commit, run inside it (where the server can)."""
+        return []
 
     # -- schema --------------------------------------------------------------------------
 
@@ -141,7 +144,7 @@ class RemoteSQLBackend(Backend):
             found = await session.rows(self.SQL.meta, ("schema_version",))
             if not found:
                 meta = dict(INITIAL_META, cluster_id=random.getrandbits(63) or 1)
-                await session.execute_many(self.SQL.insert_meta, list(meta.items()))
+                await session.execute_all([(self.SQL.insert_meta, list(meta.items()))])
                 return
             stored = int(found[0][0])
             if stored > SCHEMA_VERSION:
@@ -151,8 +154,8 @@ class RemoteSQLBackend(Backend):
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def _revisions(self, session: Session) -> tuple[int, int]:
-        rows = dict(await session.rows(self.SQL.revisions))
+    async def _revisions(self, session: Session, statement: str | None = None) -> tuple[int, int]:
+        rows = dict(await session.rows(statement or self.SQL.revisions))
         return int(rows["revision"]), int(rows["compact_revision"])
 
     async def _meta(self, session: Session, name: str) -> int:
@@ -191,8 +194,8 @@ class RemoteSQLBackend(Backend):
         async with self._read_session() as session:
             return await self._snapshot(session, reads)
 
-    async def _snapshot(self, session: Session, reads: ReadSet) -> Snapshot:
-        revision, compact = await self._revisions(session)
+    async def _snapshot(self, session: Session, reads: ReadSet, counters: str | None = None) -> Snapshot:
+        revision, compact = await self._revisions(session, counters)
         queries = snapshot_queries(self.SQL, reads, revision, compact)
         return assemble_snapshot(revision, compact, [(q, await session.rows(q.statement, q.params)) for q in queries])
 
@@ -212,13 +215,12 @@ class RemoteSQLBackend(Backend):
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 async with self._writer_lock, self._write_session() as session:
-                    await session.execute(LOCK_REVISION)
-                    snapshot = await self._snapshot(session, reads)
+                    snapshot = await self._snapshot(session, reads, LOCK_REVISIONS)
                     write_set, outcome = plan(snapshot)
-                    for statement, rows in write_statements(self.SQL, snapshot, write_set):
-                        await session.execute_many(statement, rows)
+                    statements = write_statements(self.SQL, snapshot, write_set)
                     if write_set.revision != snapshot.revision:
-                        await self._notify_commit(session, write_set.revision)
+                        statements += self._commit_notice(write_set.revision)
+                    await session.execute_all(statements)
                 return write_set, outcome
             except Exception as exc:
                 if attempt == COMMIT_ATTEMPTS or not self._is_retryable(exc):
