@@ -98,8 +98,8 @@ def _positive_int(text: str) -> int:
     return _whole_number(text, 1)
 
 
-def _count(text: str) -> int:
-    return _whole_number(text, 0)
+def _integer(text: str) -> int:
+    return _whole_number(text, -(2**31))
 
 
 def _duration_or_zero(text: str) -> float:
@@ -179,15 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     datastore.add_argument(
         "--datastore-max-idle-connections",
-        type=_count,
+        type=_integer,
         default=_env("datastore-max-idle-connections") or "0",
-        help="connections kept open while idle (default 0: 2)",
+        help="pooled connections kept open while idle; negative: none (default 0: 2)",
     )
     datastore.add_argument(
         "--datastore-max-open-connections",
-        type=_count,
+        type=_integer,
         default=_env("datastore-max-open-connections") or "0",
-        help="most connections open at once (default 0: 8)",
+        help="most pooled connections open at once (default 0: 8); PostgreSQL adds 2 of its own"
+        " (LISTEN, duty lock), MySQL 1 (duty lock)",
     )
     datastore.add_argument(
         "--datastore-connection-max-lifetime",

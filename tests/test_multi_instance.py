@@ -578,3 +578,37 @@ def test_checker_accepts_a_legal_race_and_flags_each_kind_of_violation() -> None
     # A read whose value is not the key's state at its own header revision.
     torn = [synthetic("put", k, (0, 9), revision=2), synthetic("read", k, (0, 9), revision=1, observed=2)]
     assert flagged(torn, {0: 2}, "read")
+
+
+@pytest.mark.parametrize("kind", ["postgres", "mysql"])
+def test_duties_pass_to_another_instance_when_their_holder_dies(kind: str) -> None:
+    """kill -9 the instance that expires leases: another takes the duty lock and expires them instead.
+
+    The first instance to start holds the duties. Once it is killed, the database drops its
+    lock with its connection, a survivor claims it (renewing every lease, as a new etcd leader
+    does) and the lease granted through the survivor still expires, its key deleted once.
+    """
+    endpoint = databases.database_endpoint(kind, f"pykine_duty_{secrets.token_hex(6)}")
+    workdir = tempfile.mkdtemp(prefix="pykine-duty-")
+    holder = PykineServer(os.path.join(workdir, "holder"), endpoint=endpoint)
+    survivor = PykineServer(os.path.join(workdir, "survivor"), endpoint=endpoint)
+    try:
+        for server in (holder, survivor):
+            os.mkdir(server.workdir)
+            server.start()
+        assert "now expires leases" in holder.log() and "now expires leases" not in survivor.log()
+        granted = call(survivor, "Lease", "LeaseGrant", pb.LeaseGrantRequest(TTL=2))
+        assert granted.ok, granted
+        assert call(survivor, "KV", "Put", pb.PutRequest(key=b"duty/k", value=b"v", lease=granted.response.ID)).ok
+        holder.kill()
+        deadline = time.monotonic() + BOUND
+        while range_all(survivor, b"duty/k").count:
+            assert time.monotonic() < deadline, f"the lease never expired:\n{survivor.log()}"
+            time.sleep(0.1)
+        assert "now expires leases" in survivor.log()
+        history = range_all(survivor, b"duty/", b"duty0")
+        assert history.count == 0 and history.header.revision == 3  # the put, then one delete
+    finally:
+        for server in (holder, survivor):
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -34,6 +34,10 @@ class BackendError(Exception):
     """The datastore could not be opened or failed a request."""
 
 
+DEFAULT_POOL_SIZE = 8
+DEFAULT_IDLE_CONNECTIONS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionOptions:
     """How to reach a database server: kine's TLS and connection-pool flags, and the commit poll."""
@@ -42,11 +46,18 @@ class ConnectionOptions:
     cert_file: str = ""
     key_file: str = ""
     skip_verify: bool = False
-    # 0 means the backend's default for each of these.
+    # kine's meanings: 0 is the default for each; a negative max idle keeps no idle connections,
+    # and a max open below 0 is the default too.
     max_idle_connections: int = 0
     max_open_connections: int = 0
     connection_max_lifetime: float = 0.0
     poll_interval: float = 0.0
+
+    def pool_bounds(self) -> tuple[int, int]:
+        """(connections kept open while idle, most pooled connections open at once)."""
+        most = self.max_open_connections if self.max_open_connections > 0 else DEFAULT_POOL_SIZE
+        idle = DEFAULT_IDLE_CONNECTIONS if self.max_idle_connections == 0 else max(0, self.max_idle_connections)
+        return min(idle, most), most
 
 
 @dataclass(slots=True)

@@ -26,7 +26,6 @@ from pykine.backends.sqltext import MYSQL, MYSQL_MAX_KEY_BYTES, Statements
 
 DEFAULT_DATABASE = "kubernetes"
 DEFAULT_PORT = 3306
-DEFAULT_POOL_SIZE = 8
 # "IF NOT EXISTS" statements that find what they would create leave notes, which asyncmy logs as warnings.
 QUIET = "SET SESSION sql_notes = 0"
 # Server error codes of a transaction that lost a lock race.
@@ -125,8 +124,7 @@ class MySQLBackend(RemoteSQLBackend):
         return await asyncmy.connect(**self._connect_args, database=database or self.database)
 
     async def start(self) -> None:
-        options = self.options
-        max_size = options.max_open_connections or DEFAULT_POOL_SIZE
+        idle, most = self.options.pool_bounds()
         try:
             server = await asyncmy.connect(**self._connect_args)
             try:
@@ -137,9 +135,10 @@ class MySQLBackend(RemoteSQLBackend):
                 await server.ensure_closed()
             await self._init_schema()
             self._pool = await asyncmy.create_pool(
-                minsize=max(1, min(options.max_idle_connections or 2, max_size)),
-                maxsize=max_size,
-                pool_recycle=int(options.connection_max_lifetime) or 3600,
+                minsize=idle,
+                maxsize=most,
+                # asyncmy replaces a connection that has been idle this long (it has no age limit).
+                pool_recycle=int(self.options.connection_max_lifetime) or 3600,
                 database=self.database,
                 **self._connect_args,
             )

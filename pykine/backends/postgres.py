@@ -30,7 +30,8 @@ CHANNEL = "pykine_commits"
 # Advisory lock keys (scoped to the database): schema creation, and the once-only duties.
 SCHEMA_LOCK = 0x70796B696E65  # "pykine"
 DUTY_LOCK = SCHEMA_LOCK + 1
-DEFAULT_POOL_SIZE = 8
+# Pooled connections beyond the idle bound are closed after this long unused.
+IDLE_TIMEOUT = 60.0
 CONNECT_TIMEOUT = "5"
 # How long a request waits for a pooled connection before failing UNAVAILABLE.
 POOL_WAIT = 2.0
@@ -97,16 +98,16 @@ class PostgresBackend(RemoteSQLBackend):
     # -- connections -----------------------------------------------------------------
 
     async def start(self) -> None:
-        options = self.options
-        max_size = options.max_open_connections or DEFAULT_POOL_SIZE
+        idle, most = self.options.pool_bounds()
         try:
             await self._create_database()
             await self._init_schema()
             self._pool = AsyncConnectionPool(
                 self.conninfo,
-                min_size=max(1, min(options.max_idle_connections or 2, max_size)),
-                max_size=max_size,
-                max_lifetime=options.connection_max_lifetime or 3600.0,
+                min_size=idle,
+                max_size=most,
+                max_idle=IDLE_TIMEOUT,
+                max_lifetime=self.options.connection_max_lifetime or 3600.0,
                 kwargs={"autocommit": True},
                 timeout=POOL_WAIT,
                 reconnect_timeout=RECONNECT_TIMEOUT,
