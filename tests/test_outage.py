@@ -107,14 +107,17 @@ class Load:
         for thread in self.threads:
             thread.start()
 
-    def acked_count(self) -> int:
+    def acked_count(self, since: float = 0.0) -> int:
+        """Acknowledged puts among those started after `since` (monotonic)."""
         with self.lock:
-            return self.acked
+            if not since:
+                return self.acked
+            return sum(a.revision is not None and a.value is not None and a.started > since for a in self.attempts)
 
-    def wait_for_acks(self, count: int, timeout: float) -> None:
+    def wait_for_acks(self, count: int, timeout: float, since: float = 0.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.acked_count() < count:
-            assert time.monotonic() < deadline, f"only {self.acked_count()} of {count} puts acknowledged in time"
+        while self.acked_count(since) < count:
+            assert time.monotonic() < deadline, f"only {self.acked_count(since)} of {count} puts acknowledged in time"
             time.sleep(0.01)
 
     def stop(self) -> None:
@@ -231,7 +234,8 @@ def test_database_outage_under_load(kind: str, how: str, tmp_path: Path) -> None
         answering = time.monotonic()
 
         recovery, recovery_failures = recover(pykine)
-        load.wait_for_acks(load.acked_count() + ACKS_AFTER, timeout=30)
+        # Puts started once pykine serves again (ones in flight across that moment do not count).
+        load.wait_for_acks(ACKS_AFTER, timeout=30, since=answering + recovery)
         load.stop()
 
         final = call(pykine, "KV", "Range", pb.RangeRequest(key=PREFIX, range_end=PREFIX_END), timeout=TIMEOUT)
