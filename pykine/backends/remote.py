@@ -63,8 +63,6 @@ log = logging.getLogger(__name__)
 
 # A batch that lost a deadlock or serialization race is rolled back; its plan is pure, so it runs again.
 COMMIT_ATTEMPTS = 3
-# The counters a write batch starts from, with the revision counter's row locked until it commits.
-LOCK_REVISIONS = "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision') FOR UPDATE"
 LOCK_COMPACTION = "SELECT value FROM meta WHERE name = 'compacted_through' FOR UPDATE"
 
 
@@ -155,8 +153,8 @@ class RemoteSQLBackend(Backend):
     # -- reads ---------------------------------------------------------------------------
 
     async def _revisions(self, session: Session, statement: str | None = None) -> tuple[int, int]:
-        rows = dict(await session.rows(statement or self.SQL.revisions))
-        return int(rows["revision"]), int(rows["compact_revision"])
+        revision, compact = (await session.rows(statement or self.SQL.revisions))[0]
+        return int(revision), int(compact)
 
     async def _meta(self, session: Session, name: str) -> int:
         return int((await session.rows(self.SQL.meta, (name,)))[0][0])
@@ -167,8 +165,7 @@ class RemoteSQLBackend(Backend):
 
     async def revisions(self) -> tuple[int, int]:
         async with self._single() as session:
-            row = (await session.rows(self.SQL.both_revisions))[0]
-            return int(row[0]), int(row[1])
+            return await self._revisions(session)
 
     async def read_range(self, query: RangeQuery) -> RangeRows:
         if query.span.single_key and not (query.revision or query.count_only or query.filtered):
@@ -215,7 +212,7 @@ class RemoteSQLBackend(Backend):
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 async with self._writer_lock, self._write_session() as session:
-                    snapshot = await self._snapshot(session, reads, LOCK_REVISIONS)
+                    snapshot = await self._snapshot(session, reads, self.SQL.lock_revisions)
                     write_set, outcome = plan(snapshot)
                     statements = write_statements(self.SQL, snapshot, write_set)
                     if write_set.revision != snapshot.revision:

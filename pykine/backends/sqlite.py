@@ -151,8 +151,8 @@ class SQLiteBackend(Backend):
 
     @staticmethod
     def _revisions(conn: sqlite3.Connection) -> tuple[int, int]:
-        rows = dict(conn.execute(SQL.revisions))
-        return rows["revision"], rows["compact_revision"]
+        revision, compact = conn.execute(SQL.revisions).fetchone()
+        return revision, compact
 
     def _read_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn inside one deferred transaction: a consistent WAL snapshot."""

@@ -221,15 +221,16 @@ class Statements:
 
     @cached_property
     def revisions(self) -> str:
-        return "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')"
-
-    @cached_property
-    def both_revisions(self) -> str:
         """The revision and compact revision in one row: one statement, so one snapshot."""
         return (
             "SELECT revision.value, compact.value FROM meta AS revision JOIN meta AS compact ON TRUE"
             " WHERE revision.name = 'revision' AND compact.name = 'compact_revision'"
         )
+
+    @cached_property
+    def lock_revisions(self) -> str:
+        """The same, with both rows locked until commit: a write batch's first statement on a database server."""
+        return self.revisions + " FOR UPDATE"
 
     @cached_property
     def meta(self) -> str:
