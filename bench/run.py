@@ -147,29 +147,10 @@ class PykineServerSpec(PykineSpec):
         self.endpoint = f"{self.server}/{self.database}"
 
     def teardown(self, workdir: Path) -> None:
-        if self.server.startswith("postgres"):
-            import psycopg
+        import databases  # tests/databases.py: the suite's own way to drop a database
 
-            with psycopg.connect(f"{self.server}/postgres", autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        else:
-            import asyncio
-
-            import asyncmy
-
-            from pykine.backends.base import ConnectionOptions
-            from pykine.backends.mysql import parse_dsn
-
-            args = parse_dsn(self.endpoint, ConnectionOptions())
-            del args["database"]
-
-            async def drop() -> None:
-                conn = await asyncmy.connect(**args)
-                async with conn.cursor() as cursor:
-                    await cursor.execute(f"DROP DATABASE IF EXISTS `{self.database}`")
-                await conn.ensure_closed()
-
-            asyncio.run(drop())
+        kind = "postgres" if self.server.startswith("postgres") else "mysql"
+        databases.drop_database(kind, self.server, self.database)
 
 
 # The first selected server is the baseline the others are compared with.
@@ -597,7 +578,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # this checkout's pykine, for its wire stubs and version
+        # This checkout's pykine (wire stubs, version) and tests/ (dropping benchmark databases).
+        sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     options = Options(
         objects=args.objects,
         clients=args.clients,

@@ -19,7 +19,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 BACKEND = os.environ.get("PYKINE_TEST_BACKEND", "sqlite")
 if BACKEND not in ("sqlite", "postgres", "mysql"):
@@ -54,10 +55,12 @@ def _as_postgres_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-class OwnedServer:
+class OwnedServer(ABC):
     """A database server this process started on a free loopback port; it can be stopped and started again."""
 
     kind: str
+    # How to stop it: "fast" shuts it down cleanly, "crash" gives it no chance to tidy up.
+    signals: ClassVar[dict[str, int]] = {"fast": signal.SIGTERM, "crash": signal.SIGKILL}
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -68,26 +71,33 @@ class OwnedServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.initialise()
 
+    @abstractmethod
     def initialise(self) -> None:
-        raise NotImplementedError
+        """Create the data directory."""
 
+    @abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that runs the server."""
 
     @property
+    @abstractmethod
     def url(self) -> str:
-        raise NotImplementedError
+        """The server's base URL, without a database."""
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
         wait_until_answers(self.port, self.process, self.log_path)
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the server (0: it has been signalled already) and wait for it to exit."""
+    def send(self, sig: int) -> None:
+        """Deliver a signal to the server process."""
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self, how: str = "fast") -> None:
+        """Stop the server ("fast" or "crash", see `signals`) and wait for it to exit."""
         if self.process is not None and self.process.poll() is None:
-            if sig:
-                self.process.send_signal(sig)
+            self.send(self.signals[how])
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -134,15 +144,14 @@ class OwnedPostgres(OwnedServer):
     def url(self) -> str:
         return f"postgres://postgres@127.0.0.1:{self.port}"
 
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        """Signal the postmaster itself (not runuser): SIGINT is a fast shutdown, SIGQUIT an immediate one.
+    # SIGINT is PostgreSQL's fast shutdown, SIGQUIT its immediate one; a "smart" shutdown
+    # (SIGTERM) would wait for pykine's sessions to end.
+    signals: ClassVar[dict[str, int]] = {"fast": signal.SIGINT, "crash": signal.SIGQUIT}
 
-        A smart shutdown (SIGTERM) would wait for pykine's sessions to end.
-        """
-        if self.process is not None and self.process.poll() is None:
-            with open(os.path.join(self.data, "postmaster.pid")) as pid_file:
-                os.kill(int(pid_file.readline()), sig)
-        super().stop(0)
+    def send(self, sig: int) -> None:
+        """Signal the postmaster itself: when we are root it runs under runuser, which would not pass it on."""
+        with open(os.path.join(self.data, "postmaster.pid")) as pid_file:
+            os.kill(int(pid_file.readline()), sig)
 
 
 class OwnedMariaDB(OwnedServer):
@@ -225,11 +234,11 @@ def drop_database(kind: str, base: str, name: str) -> None:
         with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        run_sql(base, f"DROP DATABASE IF EXISTS `{name}`")
+        run_sql(f"{base}/mysql", f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def run_sql(endpoint: str, statement: str) -> list[tuple[Any, ...]]:
-    """Run one statement on a datastore (a sqlite:// path, a postgres:// or mysql://...tcp(host:port) URL)."""
+    """Run one statement on a datastore: a sqlite:// path, or a postgres:// or mysql:// URL with its database."""
     if endpoint.startswith("sqlite://"):
         import sqlite3
 
@@ -242,23 +251,16 @@ def run_sql(endpoint: str, statement: str) -> list[tuple[Any, ...]]:
             cursor = conn.execute(statement)
             return cursor.fetchall() if cursor.description else []
     import asyncio
-    import re
 
     import asyncmy
 
-    pattern = r"mysql://(?P<user>[^:@]*)(?::(?P<password>[^@]*))?@tcp\((?P<host>[^:)]*):(?P<port>\d+)\)/?(?P<db>.*)"
-    match = re.fullmatch(pattern, endpoint)
-    assert match, endpoint
+    from pykine.backends.base import ConnectionOptions
+    from pykine.backends.mysql import parse_dsn
+
+    args = parse_dsn(endpoint, ConnectionOptions())
 
     async def run() -> list[tuple[Any, ...]]:
-        conn = await asyncmy.connect(
-            host=match["host"],
-            port=int(match["port"]),
-            user=match["user"],
-            password=match["password"] or "",
-            database=match["db"] or None,
-            autocommit=True,
-        )
+        conn = await asyncmy.connect(**args, autocommit=True)
         try:
             async with conn.cursor() as cursor:
                 await cursor.execute(statement)

@@ -83,9 +83,9 @@ def certificates() -> Iterator[Certificates]:
         *("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial"),
         *("-days", "2", "-extfile", "server.ext", "-out", "server.crt"),
     )
-    path = lambda name: os.path.join(directory, name)  # noqa: E731
+    names = ("ca.crt", "server.crt", "server.key", "other-ca.crt")
     try:
-        yield Certificates(path("ca.crt"), path("server.crt"), path("server.key"), path("other-ca.crt"))
+        yield Certificates(*(os.path.join(directory, name) for name in names))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -268,7 +268,7 @@ def session_counter(kind: str, name: str) -> Iterator[Callable[[], int]]:
         return
     quoted = name.replace("'", "''")
     statement = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = '{quoted}'"
-    yield lambda: int(databases.run_sql(base, statement)[0][0])
+    yield lambda: int(databases.run_sql(f"{base}/information_schema", statement)[0][0])
 
 
 def load(server: PykineServer, count: Callable[[], int]) -> Load:

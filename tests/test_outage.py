@@ -13,9 +13,7 @@ Each case runs against a database server of its own, so stopping it disturbs no 
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -71,7 +69,6 @@ class Load:
         self.address = address
         self.lock = threading.Lock()
         self.attempts: list[Attempt] = []
-        self.acked = 0
         self.halt = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(index,), daemon=True) for index in range(WRITERS)]
         self.threads.append(threading.Thread(target=self._run, args=(None,), daemon=True))
@@ -98,7 +95,6 @@ class Load:
                 attempt.ended = time.monotonic()
                 with self.lock:
                     self.attempts.append(attempt)
-                    self.acked += attempt.value is not None and attempt.revision is not None
                 time.sleep(0.05 if attempt.code is not None or writer is None else 0)
         finally:
             channel.close()
@@ -110,8 +106,6 @@ class Load:
     def acked_count(self, since: float = 0.0) -> int:
         """Acknowledged puts among those started after `since` (monotonic)."""
         with self.lock:
-            if not since:
-                return self.acked
             return sum(a.revision is not None and a.value is not None and a.started > since for a in self.attempts)
 
     def wait_for_acks(self, count: int, timeout: float, since: float = 0.0) -> None:
@@ -125,24 +119,6 @@ class Load:
         for thread in self.threads:
             thread.join(timeout=TIMEOUT + 5)
             assert not thread.is_alive(), "a request outlived its deadline"
-
-
-def stop_database(server: databases.OwnedServer, how: str) -> None:
-    """Take the database down: `fast` shuts it down cleanly, `crash` gives it no chance to tidy up.
-
-    PostgreSQL runs under runuser when we are root, so its postmaster is signalled directly:
-    SIGTERM is PostgreSQL's "smart" shutdown, which waits for pykine's sessions to end, and
-    runuser then SIGKILLs the postmaster, leaving a postmaster.pid that blocks the restart.
-    """
-    if server.kind == "postgres":
-        with open(os.path.join(server.data, "postmaster.pid")) as pid_file:
-            postmaster = int(pid_file.readline())
-        os.kill(postmaster, signal.SIGINT if how == "fast" else signal.SIGQUIT)
-        assert server.process is not None
-        server.process.wait(timeout=60)
-        server.process = None
-    else:
-        server.stop(signal.SIGTERM if how == "fast" else signal.SIGKILL)
 
 
 def alive(pykine: PykineServer) -> None:
@@ -224,7 +200,7 @@ def test_database_outage_under_load(kind: str, how: str, tmp_path: Path) -> None
         load.start()
         load.wait_for_acks(ACKS_BEFORE, timeout=30)
 
-        stop_database(server, how)
+        server.stop(how)
         down = time.monotonic()
         while time.monotonic() < down + OUTAGE:
             alive(pykine)
@@ -251,7 +227,7 @@ def test_database_outage_under_load(kind: str, how: str, tmp_path: Path) -> None
         pykine.stop()
         try:
             if server.process is not None:
-                stop_database(server, "fast")
+                server.stop("fast")
         finally:
             shutil.copy(server.log_path, tmp_path / f"{kind}.log")
             server.destroy()
