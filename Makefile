@@ -30,8 +30,8 @@ lint: $(STAMP)
 
 # Regenerate the Python code for the wire declarations in pykine/wire/*.proto.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
-		pykine/wire/kv.proto pykine/wire/rpc.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
+		pykine/wire/kv.proto pykine/wire/rpc.proto pykine/wire/health.proto
 
 # pykine against real etcd with Kubernetes' request shapes (bench/run.py --help for the knobs,
 # e.g. make bench BENCH_ARGS="--objects 200 --clients 4"); writes bench/results/<date>.json.
@@ -41,11 +41,12 @@ bench: system-deps $(STAMP)
 # Real etcd and etcdctl for the differential tests, Go with the real etcd Go
 # client's source for the Go client tests, and PostgreSQL and MariaDB binaries
 # for the tests to start their own servers where none runs, all from Debian.
-SYSTEM_PACKAGES := etcd-server etcd-client golang-go golang-etcd-server-dev postgresql mariadb-server
+SYSTEM_PACKAGES := etcd-server etcd-client golang-go golang-etcd-server-dev postgresql mariadb-server nghttp2-client curl
 system-deps:
 	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && command -v go >/dev/null \
 		&& test -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 \
-		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v mariadbd >/dev/null || { \
+		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v mariadbd >/dev/null \
+		&& command -v h2load >/dev/null && command -v curl >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 
 $(STAMP): pyproject.toml

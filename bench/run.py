@@ -256,7 +256,7 @@ class RssSampler(threading.Thread):
 
 def status_ok(address: str) -> bool:
     """One Maintenance.Status call on a fresh channel (so no reconnect backoff delays the answer)."""
-    from pykine.wire import rpc_pb2, rpc_pb2_grpc
+    from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         try:

@@ -1,8 +1,8 @@
-"""Prometheus metrics, served on --metrics-bind-address when it is set."""
+"""Prometheus metrics, served at /metrics on the client port and on --metrics-bind-address."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 WRITE_BATCH_REQUESTS = Histogram(
     "pykine_write_batch_requests",
@@ -17,9 +17,3 @@ WRITE_BATCH_FAILURES = Counter(
     "pykine_write_batch_failures_total",
     "Write batches the datastore failed; every request in them got UNAVAILABLE.",
 )
-
-
-def serve_metrics(bind_address: str) -> None:
-    """Serve /metrics on host:port from a background thread."""
-    host, _, port = bind_address.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0")

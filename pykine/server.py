@@ -1,16 +1,15 @@
-"""Assemble backend, engine and gRPC services, and serve until signalled."""
+"""Assemble backend, engine, services and transport, and serve until signalled."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
+import resource
 import signal
 import socket
-
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pykine import __version__
 from pykine.backends import open_backend
@@ -19,50 +18,53 @@ from pykine.cli import Settings, fail
 from pykine.engine.records import MemberRow
 from pykine.engine.store import Engine
 from pykine.logs import setup_logging
-from pykine.metrics import serve_metrics
 from pykine.services.encode import Identity
-from pykine.services.handlers import service_handler
+from pykine.services.handlers import register
+from pykine.services.health import HealthService, add_http_routes, add_metrics_route
 from pykine.services.kv import KVService
 from pykine.services.lease import LeaseService
 from pykine.services.maintenance import ClusterService, MaintenanceService
 from pykine.services.validate import MAX_RECEIVE_BYTES
 from pykine.services.watch import WatchService
+from pykine.transport.grpc import CallLimits, Registry
+from pykine.transport.http1 import Router
+from pykine.transport.server import Server, ServerLimits
+from pykine.wire import health_pb2, rpc_pb2
 
 log = logging.getLogger("pykine")
 
 
-def grpc_address(listen_address: str) -> str:
-    """kine's listen forms (host:port, tcp://, unix://) in gRPC's spelling."""
+def split_listen_address(listen_address: str) -> tuple[str, int] | str:
+    """kine's listen forms: (host, port) for host:port, tcp:// and http://; the path for unix://."""
+    if listen_address.startswith("unix://"):
+        return listen_address[len("unix://") :]
     for prefix in ("tcp://", "http://"):
         if listen_address.startswith(prefix):
-            return listen_address[len(prefix) :]
-    if listen_address.startswith("unix://"):
-        return "unix:" + listen_address[len("unix://") :]
-    return listen_address
+            listen_address = listen_address[len(prefix) :]
+    host, sep, port = listen_address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BackendError(f"cannot listen on {listen_address!r}: expected host:port or unix://path")
+    return host, int(port)
 
 
-def client_url(address: str, port: int) -> str:
-    """The URL clients reach us at, with the port gRPC actually bound."""
-    if address.startswith("unix:"):
-        return "unix://" + address[len("unix:") :]
-    host = address.rsplit(":", 1)[0]
-    return f"http://{host}:{port}"
+def client_url(address: tuple[str, int] | str, port: int) -> str:
+    """The URL clients reach us at, with the port actually bound."""
+    if isinstance(address, str):
+        return "unix://" + address
+    return f"http://{address[0]}:{port}"
 
 
 def check_listen_address(listen_address: str) -> None:
-    """Fail with one clear line before gRPC logs its own complaint."""
-    address = grpc_address(listen_address)
-    if address.startswith("unix:"):
-        path = address[len("unix:") :].removeprefix("//")
-        directory = os.path.dirname(os.path.abspath(path))
+    """Fail with one clear line if we cannot listen there."""
+    address = split_listen_address(listen_address)
+    if isinstance(address, str):
+        directory = os.path.dirname(os.path.abspath(address))
         if not os.path.isdir(directory):
             raise BackendError(f"cannot listen on {listen_address}: directory {directory} does not exist")
         return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise BackendError(f"cannot listen on {listen_address!r}: expected host:port or unix://path")
+    host, port = address
     try:
-        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except (OSError, OverflowError) as exc:
         raise BackendError(f"cannot listen on {listen_address}: {exc}") from exc
     family, kind, proto, _, sockaddr = infos[0]
@@ -80,15 +82,34 @@ def member_id(cluster_id: int, url: str) -> int:
     return int.from_bytes(digest, "big") >> 1 or 1
 
 
+def register_services(
+    registry: Registry, engine: Engine, identity: Identity, settings: Settings, health: HealthService
+) -> None:
+    services = rpc_pb2.DESCRIPTOR.services_by_name
+    register(registry, services["KV"], KVService(engine, identity))
+    register(registry, services["Watch"], WatchService(engine, identity))
+    register(registry, services["Lease"], LeaseService(engine, identity))
+    register(registry, services["Maintenance"], MaintenanceService(engine, identity, settings.emulated_etcd_version))
+    register(registry, services["Cluster"], ClusterService(engine, identity))
+    register(registry, health_pb2.DESCRIPTOR.services_by_name["Health"], health)
+
+
+async def listen(server: Server, listen_address: str, reuse_port: bool = False) -> int:
+    """Listen on one of kine's address forms; the port bound (0 for a unix socket)."""
+    address = split_listen_address(listen_address)
+    try:
+        if isinstance(address, str):
+            await server.listen_unix(address)
+            return 0
+        return await server.listen_tcp(*address, reuse_port=reuse_port)
+    except OSError as exc:
+        raise BackendError(f"cannot listen on {listen_address}: {exc.strerror or exc}") from exc
+
+
 async def serve(settings: Settings) -> None:
     if not settings.reuse_port:
         check_listen_address(settings.listen_address)
-    address = grpc_address(settings.listen_address)
-    if settings.metrics_bind_address:
-        try:
-            serve_metrics(settings.metrics_bind_address)
-        except OSError as exc:
-            raise BackendError(f"cannot serve metrics on {settings.metrics_bind_address}: {exc.strerror}") from exc
+    address = split_listen_address(settings.listen_address)
     backend = open_backend(settings.endpoint, settings.connection)
     engine = Engine(
         backend,
@@ -97,39 +118,34 @@ async def serve(settings: Settings) -> None:
     )
     await engine.start()
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-            ("grpc.max_send_message_length", 2**31 - 1),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            # Two servers on one port would split clients between datastores;
-            # only the workers of one supervisor share a port, on purpose.
-            ("grpc.so_reuseport", int(settings.reuse_port)),
-        ]
-    )
+    registry = Registry()
+    router = Router()
+    limits = ServerLimits(calls=CallLimits(max_receive_message=MAX_RECEIVE_BYTES))
+    server = Server(registry, router, limits)
+    metrics_server: Server | None = None
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
+        # Two servers on one port would split clients between datastores;
+        # only the workers of one supervisor share a port, on purpose.
+        port = await listen(server, settings.listen_address, settings.reuse_port)
+        if settings.metrics_bind_address:
+            metrics_router = Router()
+            add_metrics_route(metrics_router)
+            metrics_server = Server(Registry(), metrics_router)
+            await listen(metrics_server, settings.metrics_bind_address)
+    except BackendError:
+        await server.shutdown(0)
         await engine.close()
-        raise BackendError(f"cannot listen on {settings.listen_address}: {exc}") from exc
+        raise
     url = client_url(address, port)
     cluster_id = await backend.cluster_id()
     identity = Identity(cluster_id=cluster_id, member_id=member_id(cluster_id, url))
     await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
-    server.add_generic_rpc_handlers(
-        (
-            service_handler("KV", KVService(engine, identity)),
-            service_handler("Watch", WatchService(engine, identity)),
-            service_handler("Lease", LeaseService(engine, identity)),
-            service_handler("Maintenance", MaintenanceService(engine, identity, settings.emulated_etcd_version)),
-            service_handler("Cluster", ClusterService(engine, identity)),
-        )
-    )
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health = HealthService()
+    register_services(registry, engine, identity, settings, health)
+    add_http_routes(router, engine, settings.emulated_etcd_version)
     await server.start()
+    if metrics_server is not None:
+        await metrics_server.start()
     log.info(
         "pykine %s serving etcd %s API on %s, datastore %s",
         __version__,
@@ -144,12 +160,24 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    await server.stop(grace=2)
+    health.set_serving(False)
+    await server.shutdown(grace=2)
+    if metrics_server is not None:
+        await metrics_server.shutdown(grace=0)
     await engine.close()
+
+
+def raise_open_file_limit() -> None:
+    """Use the hard limit on open files, as Go programs (etcd, kine) do: each client is a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def run(settings: Settings) -> None:
     setup_logging(settings.log_format, settings.debug)
+    raise_open_file_limit()
     try:
         import uvloop
     except ImportError:  # uvloop is optional: plain asyncio works the same, a little slower

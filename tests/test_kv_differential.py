@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import grpc
 import pytest
 from harness import Pair, pb
 
@@ -497,13 +498,20 @@ def test_defragment_keeps_data(servers: Pair) -> None:
     servers.kv("Range", Range(key=b"\x00", range_end=b"\x00"))
 
 
-def test_health_service_serving(servers: Pair) -> None:
+def test_health_service_like_etcds(servers: Pair) -> None:
+    """grpc.health.v1 through grpcio's own health client: SERVING overall, unknown names refused alike."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    assert servers.pykine.channel is not None
-    stub = health_pb2_grpc.HealthStub(servers.pykine.channel)
-    response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    answers = []
+    for server in (servers.etcd, servers.pykine):
+        assert server.channel is not None
+        stub = health_pb2_grpc.HealthStub(server.channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        answers.append((refused.value.code(), refused.value.details()))
+    assert answers[1] == answers[0]
 
 
 def test_put_then_delete_of_one_key_in_one_revision(servers: Pair) -> None:

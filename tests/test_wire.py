@@ -26,14 +26,17 @@ PROTOS = ["pykine/wire/kv.proto", "pykine/wire/rpc.proto"]
 NOT_DECLARED_PREFIXES = ("etcdserverpb.Auth", "etcdserverpb.LeaseCheckpoint")
 
 
-def _protoc(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", *args, *PROTOS], cwd=ROOT, check=True)
+HEALTH_PROTO = "pykine/wire/health.proto"
 
 
-def _ours() -> list[descriptor_pb2.FileDescriptorProto]:
+def _protoc(*args: str, protos: tuple[str, ...] = tuple(PROTOS)) -> None:
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", *args, *protos], cwd=ROOT, check=True)
+
+
+def _ours(protos: tuple[str, ...] = tuple(PROTOS)) -> list[descriptor_pb2.FileDescriptorProto]:
     with tempfile.TemporaryDirectory() as scratch:
         out = os.path.join(scratch, "set.pb")
-        _protoc(f"--descriptor_set_out={out}")
+        _protoc(f"--descriptor_set_out={out}", protos=protos)
         files = descriptor_pb2.FileDescriptorSet()
         with open(out, "rb") as data:
             files.ParseFromString(data.read())
@@ -99,10 +102,23 @@ def test_declarations_match_etcds() -> None:
     assert all(name.startswith(NOT_DECLARED_PREFIXES) or name == "/etcdserverpb.Auth" for name in missing), missing
 
 
+def test_health_declaration_matches_grpcs() -> None:
+    """pykine declares grpc.health.v1 itself; it must be the one grpcio's health package carries."""
+    from grpc_health.v1 import health_pb2
+
+    [ours] = _ours((HEALTH_PROTO,))
+    theirs = _shapes(_theirs(health_pb2))
+    for name, shape in _shapes(ours).items():
+        if name.startswith("/"):  # a service: grpcio's newer one adds List, which etcd's grpc-go lacks
+            assert set(shape) <= set(theirs[name])
+        else:
+            assert shape == theirs[name], name
+
+
 def test_generated_code_is_up_to_date() -> None:
     """The committed *_pb2 modules are exactly what `make proto` produces."""
     with tempfile.TemporaryDirectory() as scratch:
-        _protoc(f"--python_out={scratch}", f"--pyi_out={scratch}", f"--grpc_python_out={scratch}")
+        _protoc(f"--python_out={scratch}", f"--pyi_out={scratch}", protos=(*PROTOS, HEALTH_PROTO))
         generated = os.path.join(scratch, "pykine", "wire")
         names = sorted(name for name in os.listdir(generated) if name.endswith((".py", ".pyi")))
         assert names, "protoc generated nothing"

@@ -10,8 +10,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
-
 from pykine.engine.errors import (
     CompactedError,
     EngineError,
@@ -23,20 +21,14 @@ from pykine.engine.errors import (
     LeaseTTLTooLargeError,
     UnavailableError,
 )
-from pykine.services.handlers import MalformedRequest
+from pykine.transport.grpc import Call, RpcError
+from pykine.transport.grpc import Status as Code
 
 log = logging.getLogger(__name__)
 
-Code = grpc.StatusCode
 
-
-class EtcdError(Exception):
+class EtcdError(RpcError):
     """An error etcd defines: a gRPC status code and its exact message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 ERR_EMPTY_KEY = EtcdError(Code.INVALID_ARGUMENT, "etcdserver: key is not provided")
@@ -75,23 +67,18 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
 def etcd_errors(method: Handler) -> Handler:
-    """Turn etcd and engine errors into gRPC statuses; log anything else."""
+    """Turn engine errors into etcd's statuses; log anything else and answer INTERNAL."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, MalformedRequest):
-            await context.abort(Code.INTERNAL, f"grpc: error unmarshalling request: {request.reason}")
+    async def wrapper(self: Any, request: Any, call: Call) -> Any:
         try:
-            return await method(self, request, context)
-        except EtcdError as error:
-            await context.abort(error.code, error.message)
+            return await method(self, request, call)
+        except RpcError:
+            raise
         except EngineError as error:
-            etcd = to_etcd_error(error)
-            await context.abort(etcd.code, etcd.message)
+            raise to_etcd_error(error) from None
         except Exception as error:  # a bug: answer clearly and keep serving
-            if isinstance(error, grpc.aio.AbortError):
-                raise
             log.exception("%s failed", method.__name__)
-            await context.abort(Code.INTERNAL, f"pykine: internal error: {error}")
+            raise EtcdError(Code.INTERNAL, f"pykine: internal error: {error}") from None
 
     return wrapper  # type: ignore[return-value]

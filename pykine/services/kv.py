@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
-
 from pykine.engine.store import Engine
 from pykine.services import encode, validate
 from pykine.services.encode import Identity
 from pykine.services.errors import etcd_errors
+from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
 
 
@@ -17,29 +16,27 @@ class KVService:
         self.identity = identity
 
     @etcd_errors
-    async def Range(self, request: rpc_pb2.RangeRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.RangeResponse:
+    async def Range(self, request: rpc_pb2.RangeRequest, call: Call) -> rpc_pb2.RangeResponse:
         validate.check_range(request)
         result = await self.engine.range(request)
         return encode.range_response(result, self.identity.header(result.revision))
 
     @etcd_errors
-    async def Put(self, request: rpc_pb2.PutRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.PutResponse:
+    async def Put(self, request: rpc_pb2.PutRequest, call: Call) -> rpc_pb2.PutResponse:
         validate.check_put(request)
         validate.check_size(request)
         result = await self.engine.put(request)
         return encode.put_response(result, self.identity.header(result.revision))
 
     @etcd_errors
-    async def DeleteRange(
-        self, request: rpc_pb2.DeleteRangeRequest, context: grpc.aio.ServicerContext
-    ) -> rpc_pb2.DeleteRangeResponse:
+    async def DeleteRange(self, request: rpc_pb2.DeleteRangeRequest, call: Call) -> rpc_pb2.DeleteRangeResponse:
         validate.check_delete(request)
         validate.check_size(request)
         result = await self.engine.delete_range(request)
         return encode.delete_response(result, self.identity.header(result.revision))
 
     @etcd_errors
-    async def Txn(self, request: rpc_pb2.TxnRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.TxnResponse:
+    async def Txn(self, request: rpc_pb2.TxnRequest, call: Call) -> rpc_pb2.TxnResponse:
         validate.check_txn(request)
         validate.check_size(request)
         result = await self.engine.txn(request)
@@ -47,9 +44,7 @@ class KVService:
         return encode.txn_response(result, self.identity.header(result.revision))
 
     @etcd_errors
-    async def Compact(
-        self, request: rpc_pb2.CompactionRequest, context: grpc.aio.ServicerContext
-    ) -> rpc_pb2.CompactionResponse:
+    async def Compact(self, request: rpc_pb2.CompactionRequest, call: Call) -> rpc_pb2.CompactionResponse:
         validate.check_size(request)
         result = await self.engine.compact(request)
         return rpc_pb2.CompactionResponse(header=self.identity.header(result.revision))

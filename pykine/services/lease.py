@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
 from pykine.engine.store import Engine
 from pykine.services import validate
 from pykine.services.encode import Identity
 from pykine.services.errors import etcd_errors
-from pykine.services.handlers import MalformedRequest
+from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
 
 
@@ -21,27 +19,21 @@ class LeaseService:
         self.identity = identity
 
     @etcd_errors
-    async def LeaseGrant(
-        self, request: rpc_pb2.LeaseGrantRequest, context: grpc.aio.ServicerContext
-    ) -> rpc_pb2.LeaseGrantResponse:
+    async def LeaseGrant(self, request: rpc_pb2.LeaseGrantRequest, call: Call) -> rpc_pb2.LeaseGrantResponse:
         validate.check_size(request)
         result = await self.engine.lease_grant(request)
         return rpc_pb2.LeaseGrantResponse(header=self.identity.header(result.revision), ID=result.id, TTL=result.ttl)
 
     @etcd_errors
-    async def LeaseRevoke(
-        self, request: rpc_pb2.LeaseRevokeRequest, context: grpc.aio.ServicerContext
-    ) -> rpc_pb2.LeaseRevokeResponse:
+    async def LeaseRevoke(self, request: rpc_pb2.LeaseRevokeRequest, call: Call) -> rpc_pb2.LeaseRevokeResponse:
         result = await self.engine.lease_revoke(request)
         return rpc_pb2.LeaseRevokeResponse(header=self.identity.header(result.revision))
 
     async def LeaseKeepAlive(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[Any], call: Call
     ) -> AsyncIterator[rpc_pb2.LeaseKeepAliveResponse]:
         """Each request renews its lease and is answered with the TTL (0: no such lease)."""
         async for request in requests:
-            if isinstance(request, MalformedRequest):
-                await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {request.reason}")
             result = await self.engine.lease_keep_alive(request)
             yield rpc_pb2.LeaseKeepAliveResponse(
                 header=self.identity.header(result.revision), ID=result.id, TTL=result.ttl
@@ -49,7 +41,7 @@ class LeaseService:
 
     @etcd_errors
     async def LeaseTimeToLive(
-        self, request: rpc_pb2.LeaseTimeToLiveRequest, context: grpc.aio.ServicerContext
+        self, request: rpc_pb2.LeaseTimeToLiveRequest, call: Call
     ) -> rpc_pb2.LeaseTimeToLiveResponse:
         info = await self.engine.lease_time_to_live(request)
         return rpc_pb2.LeaseTimeToLiveResponse(
@@ -61,9 +53,7 @@ class LeaseService:
         )
 
     @etcd_errors
-    async def LeaseLeases(
-        self, request: rpc_pb2.LeaseLeasesRequest, context: grpc.aio.ServicerContext
-    ) -> rpc_pb2.LeaseLeasesResponse:
+    async def LeaseLeases(self, request: rpc_pb2.LeaseLeasesRequest, call: Call) -> rpc_pb2.LeaseLeasesResponse:
         revision, ids = await self.engine.lease_ids()
         return rpc_pb2.LeaseLeasesResponse(
             header=self.identity.header(revision), leases=[rpc_pb2.LeaseStatus(ID=lease_id) for lease_id in ids]

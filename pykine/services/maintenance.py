@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
-
 from pykine.engine.store import Engine
 from pykine.services.encode import Identity
 from pykine.services.errors import etcd_errors
+from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
 
 
@@ -17,7 +16,7 @@ class MaintenanceService:
         self.version = version
 
     @etcd_errors
-    async def Status(self, request: rpc_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.StatusResponse:
+    async def Status(self, request: rpc_pb2.StatusRequest, call: Call) -> rpc_pb2.StatusResponse:
         revision = await self.engine.revision()
         sizes = await self.engine.status()
         return rpc_pb2.StatusResponse(
@@ -32,7 +31,7 @@ class MaintenanceService:
         )
 
     @etcd_errors
-    async def Alarm(self, request: rpc_pb2.AlarmRequest, context: grpc.aio.ServicerContext) -> rpc_pb2.AlarmResponse:
+    async def Alarm(self, request: rpc_pb2.AlarmRequest, call: Call) -> rpc_pb2.AlarmResponse:
         """pykine raises no alarms (no space quota, no corruption check), so the list is empty.
 
         etcd 3.4 sends this response without a header; so does pykine.
@@ -40,9 +39,7 @@ class MaintenanceService:
         return rpc_pb2.AlarmResponse()
 
     @etcd_errors
-    async def Defragment(
-        self, request: rpc_pb2.DefragmentRequest, context: grpc.aio.ServicerContext
-    ) -> rpc_pb2.DefragmentResponse:
+    async def Defragment(self, request: rpc_pb2.DefragmentRequest, call: Call) -> rpc_pb2.DefragmentResponse:
         """VACUUM the SQLite file; like etcd 3.4, the answer carries no header."""
         await self.engine.defragment()
         return rpc_pb2.DefragmentResponse()
@@ -54,9 +51,7 @@ class ClusterService:
         self.identity = identity
 
     @etcd_errors
-    async def MemberList(
-        self, request: rpc_pb2.MemberListRequest, context: grpc.aio.ServicerContext
-    ) -> rpc_pb2.MemberListResponse:
+    async def MemberList(self, request: rpc_pb2.MemberListRequest, call: Call) -> rpc_pb2.MemberListResponse:
         """Every instance serving the datastore, as etcd lists its members (by id).
 
         Cluster headers in etcd 3.4 carry ids and term but no revision.

@@ -6,13 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
 from pykine.engine.store import Engine
 from pykine.services import encode
 from pykine.services.encode import Identity
-from pykine.services.handlers import MalformedRequest
 from pykine.services.validate import MAX_REQUEST_BYTES
+from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
 
 
@@ -21,17 +19,11 @@ class WatchService:
         self.engine = engine
         self.identity = identity
 
-    async def Watch(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[rpc_pb2.WatchResponse]:
+    async def Watch(self, requests: AsyncIterator[Any], call: Call) -> AsyncIterator[rpc_pb2.WatchResponse]:
         stream = self.engine.watch_stream()
 
         async def receive() -> None:
             async for request in requests:
-                if isinstance(request, MalformedRequest):
-                    await context.abort(
-                        grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {request.reason}"
-                    )
                 stream.submit(request)
 
         receiver = asyncio.create_task(receive())
