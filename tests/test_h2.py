@@ -18,9 +18,11 @@ import h2.events
 import h2.settings
 import hpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pykine.transport import h2 as server_h2
-from pykine.transport.headers import HeaderDecodeError, HeaderDecoder, encode_block
+from pykine.transport.headers import HeaderDecodeError, HeaderDecoder, context_free_field, encode_block, split_block
 
 REQUEST = [
     (b":method", b"POST"),
@@ -468,3 +470,25 @@ def test_a_table_beyond_what_we_announced_is_refused_once_acknowledged() -> None
     # The client (h2) honoured our HEADER_TABLE_SIZE 0; a raw one that adds to the table is wrong.
     pair.server.receive(server_h2.frame(server_h2.HEADERS, 0x5, 101, b"\x3f\xe1\x1f"))  # size update to 4096
     assert goaway_code(pair.server) == server_h2.ErrorCode.COMPRESSION_ERROR
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(min_size=1, max_size=40),
+    st.binary(max_size=300),
+    st.booleans(),
+    st.sampled_from(["never", "without"]),
+)
+def test_context_free_fields_decode_as_hpack_does(name: bytes, value: bytes, huffman: bool, kind: str) -> None:
+    """The fast path for context-free fields agrees with hpack's own decoder, byte for byte."""
+    encoder = hpack.Encoder()
+    encoder.header_table_size = 0
+    header = hpack.NeverIndexedHeaderTuple(name, value) if kind == "never" else hpack.HeaderTuple(name, value)
+    block = encoder.encode([header], huffman=huffman)
+    if block[0] & 0xE0 == 0x20:  # the encoder's own table size update comes first: not part of the field
+        block = block[split_block(block)[0][1] :]
+    [(_, _, context_free)] = split_block(block)
+    expected = [(bytes(n), bytes(v)) for n, v in hpack.Decoder().decode(block, raw=True)]
+    if context_free:
+        assert [context_free_field(block)] == expected
+    assert HeaderDecoder(1 << 20).decode(block)[0] == tuple(expected)

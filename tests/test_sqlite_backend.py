@@ -30,8 +30,11 @@ def _put_plan(key: bytes, value: bytes, hold: threading.Event | None = None, ent
 
 
 def test_reads_never_wait_behind_an_open_write_transaction() -> None:
+    """On the writer thread (as on slow disks) a batch's transaction is open across awaits; reads go on."""
+
     async def scenario() -> None:
-        backend = SQLiteBackend(os.path.join(tempfile.mkdtemp(prefix="pykine-sqlite-"), "state.db"))
+        path = os.path.join(tempfile.mkdtemp(prefix="pykine-sqlite-"), "state.db")
+        backend = SQLiteBackend(path, inline_commits=False)
         await backend.start()
         try:
             await backend.commit(ReadSet(), _put_plan(b"a", b"1"))
