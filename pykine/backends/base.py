@@ -16,6 +16,7 @@ from typing import TypeVar
 from pykine.engine.records import (
     HistoryRows,
     KeySpan,
+    KnownRows,
     LeaseRow,
     MemberRow,
     RangeQuery,
@@ -91,8 +92,13 @@ class Backend(ABC):
         """(current revision, compact revision) from one snapshot."""
 
     @abstractmethod
-    async def read_range(self, query: RangeQuery) -> RangeRows:
-        """Answer one range read from a single consistent snapshot."""
+    async def read_range(self, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
+        """Answer one range read from a single consistent snapshot.
+
+        With `known`, a backend may return, for a row at the current state,
+        the bytes `known((key, mod_revision))` gives instead of reading the row
+        (the engine passes it only for reads that need no row fields).
+        """
 
     @abstractmethod
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:

@@ -49,6 +49,7 @@ from pykine.engine.records import (
     HistoryRows,
     KeySpan,
     KeyValueRow,
+    KnownRows,
     LeaseRow,
     MemberRow,
     RangeQuery,
@@ -167,7 +168,7 @@ class RemoteSQLBackend(Backend):
         async with self._single() as session:
             return await self._revisions(session)
 
-    async def read_range(self, query: RangeQuery) -> RangeRows:
+    async def read_range(self, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
         if query.span.single_key and not (query.revision or query.count_only or query.filtered):
             # Kubernetes' Get: one statement, so one snapshot, and no transaction to open.
             async with self._single() as session:

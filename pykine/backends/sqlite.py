@@ -39,6 +39,7 @@ from pykine.engine.records import (
     HistoryRows,
     KeySpan,
     KeyValueRow,
+    KnownRows,
     LeaseRow,
     MemberRow,
     RangeQuery,
@@ -239,7 +240,7 @@ class SQLiteBackend(Backend):
     async def revisions(self) -> tuple[int, int]:
         return await self._on(self._readers, lambda: self._revisions(self._connection()))
 
-    async def read_range(self, query: RangeQuery) -> RangeRows:
+    async def read_range(self, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
         if query.span.single_key and not (query.revision or query.count_only or query.filtered):
             # An indexed one-row read costs less than the hop to a reader thread: run it here.
             return self._get(query)
@@ -250,13 +251,13 @@ class SQLiteBackend(Backend):
         # Timed in a reader thread, a read looks dearer than it is (the GIL changes
         # hands per row), so one that is not far over the bound gets retried inline.
         if cost < INLINE_READ_SECONDS or (cost < 4 * INLINE_READ_SECONDS and runs % 32 == 31):
-            return self._timed_range(shape, runs, query)
-        return await self._on(self._readers, self._timed_range, shape, runs, query)
+            return self._timed_range(shape, runs, query, known)
+        return await self._on(self._readers, self._timed_range, shape, runs, query, known)
 
-    def _timed_range(self, shape: tuple[Any, ...], runs: int, query: RangeQuery) -> RangeRows:
+    def _timed_range(self, shape: tuple[Any, ...], runs: int, query: RangeQuery, known: KnownRows | None) -> RangeRows:
         """A range read, remembering what reads of its shape cost (see INLINE_READ_SECONDS)."""
         started = time.perf_counter()
-        rows = self._read_transaction(lambda conn: self._range(conn, query))
+        rows = self._read_transaction(lambda conn: self._range(conn, query, known))
         if len(self._read_costs) >= READ_COSTS_KEPT:
             self._read_costs.clear()
         self._read_costs[shape] = (time.perf_counter() - started, runs + 1)
@@ -268,7 +269,7 @@ class SQLiteBackend(Backend):
         rows = [KeyValueRow._make(row[2:])] if row[2] is not None else []
         return RangeRows(row[0], row[1], rows, len(rows))
 
-    def _range(self, conn: sqlite3.Connection, query: RangeQuery) -> RangeRows:
+    def _range(self, conn: sqlite3.Connection, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
         revision, compact = self._revisions(conn)
         if query.revision > revision or 0 < query.revision < compact or query.span.empty:
             return RangeRows(revision, compact, [], 0)
@@ -276,7 +277,33 @@ class SQLiteBackend(Backend):
         count = conn.execute(count_sql, count_params).fetchone()[0] if count_sql else None
         if query.count_only:
             return RangeRows(revision, compact, [], count or 0)
+        plain = query.sort is None and not (query.filtered or query.keys_only)
+        if known is not None and plain and not (query.revision and query.revision < revision):
+            rows = self._rows_or_known(conn, query, known)
+            return RangeRows(revision, compact, rows, count if count is not None else len(rows))
         return range_rows(query, revision, compact, count, conn.execute(rows_sql, rows_params).fetchall())
+
+    @staticmethod
+    def _rows_or_known(conn: sqlite3.Connection, query: RangeQuery, known: KnownRows) -> list[KeyValueRow | bytes]:
+        """The live rows of a range, as what the caller knows where it can, read only where not.
+
+        The (key, mod_revision) pairs come from the covering index kv_keys, a
+        fraction of the rows' size (a 500-key page of 1 KiB values: 0.3 ms
+        against 2.5 ms); only rows the caller does not know are read whole,
+        in the same snapshot.
+        """
+        sql, params = SQL.versions(query)
+        versions = conn.execute(sql, params).fetchall()
+        rows: list[Any] = list(map(known, versions))
+        if None not in rows:
+            return rows
+        missing = {versions[index][0]: index for index, row in enumerate(rows) if row is None}
+        keys = list(missing)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            for row in conn.execute(SQL.latest_keys(len(chunk)), chunk):
+                rows[missing[row[0]]] = KeyValueRow._make(row)
+        return rows
 
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:
         return await self._on(self._readers, self._read_transaction, lambda conn: self._snapshot(conn, reads))

@@ -268,6 +268,15 @@ class Statements:
             rows_params.append(query.limit)
         return count, self.sql(rows), params, rows_params
 
+    def versions(self, query: RangeQuery) -> tuple[str, list[Any]]:
+        """(key, mod_revision) of a current-state range, from the covering index kv_keys."""
+        where, params = self.span(query.span)
+        sql = f"SELECT key, mod_revision FROM kv WHERE {where} ORDER BY key"
+        if query.limit:
+            sql += " LIMIT ?"
+            params = [*params, query.limit]
+        return self.sql(sql), params
+
     def latest(self, span: KeySpan) -> tuple[str, list[Any]]:
         where, params = self.span(span)
         return self.sql(f"SELECT {self.columns(False)} FROM kv WHERE {where}"), params

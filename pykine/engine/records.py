@@ -6,6 +6,7 @@ tuples and services can encode them without intermediate copies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -19,6 +20,11 @@ class KeyValueRow(NamedTuple):
     version: int
     value: bytes
     lease: int
+
+
+# What a caller already holds, encoded, of a (key, mod_revision) pair (None: nothing).
+# A key's state at a mod revision never changes, so such an encoding never goes stale.
+KnownRows = Callable[[tuple[bytes, int]], "bytes | None"]
 
 
 class KeySpan(NamedTuple):
@@ -103,7 +109,8 @@ class RangeRows:
 
     revision: int
     compact_revision: int
-    rows: list[KeyValueRow]
+    # A row is bytes where the caller said it already holds that (key, mod_revision) encoded.
+    rows: list[KeyValueRow] | list[KeyValueRow | bytes]
     count: int
 
 

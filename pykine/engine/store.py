@@ -26,12 +26,13 @@ from pykine.engine.errors import (
 from pykine.engine.evaluate import (
     BatchState,
     ExpireLease,
+    RangeRequest,
     collect_reads,
     finish_range,
     is_write,
     range_query,
 )
-from pykine.engine.records import Change, KeySpan, MemberRow, ReadSet, Snapshot, WriteSet
+from pykine.engine.records import Change, KeySpan, KnownRows, MemberRow, ReadSet, Snapshot, WriteSet
 from pykine.engine.results import (
     CompactResult,
     DeleteResult,
@@ -123,10 +124,20 @@ class Engine:
 
     # -- reads --------------------------------------------------------------------
 
-    async def range(self, request: Any) -> RangeResult:
+    async def range(self, request: Any, known: KnownRows | None = None) -> RangeResult:
+        """A Range; with `known`, rows the caller holds encoded may come back as those bytes.
+
+        Only where no row field is needed here: whole rows in key order, no
+        filters (the limit still applies, to the list).
+        """
         query = range_query(request)
+        plain = (
+            request.sort_order == RangeRequest.NONE
+            and request.sort_target == RangeRequest.KEY
+            and not (request.keys_only or request.count_only or query.filtered)
+        )
         try:
-            rows = await self.backend.read_range(query)
+            rows = await self.backend.read_range(query, known if plain else None)
         except Exception as exc:
             raise UnavailableError(str(exc)) from exc
         if query.revision > rows.revision:

@@ -14,12 +14,13 @@ class KVService:
     def __init__(self, engine: Engine, identity: Identity) -> None:
         self.engine = engine
         self.identity = identity
+        self.known = encode.EncodedKeyValues()
 
     @etcd_errors
-    async def Range(self, request: rpc_pb2.RangeRequest, call: Call) -> rpc_pb2.RangeResponse:
+    async def Range(self, request: rpc_pb2.RangeRequest, call: Call) -> encode.Encoded:
         validate.check_range(request)
-        result = await self.engine.range(request)
-        return encode.range_response(result, self.identity.header(result.revision))
+        result = await self.engine.range(request, self.known.get)
+        return encode.encoded_range_response(result, self.identity.header(result.revision), self.known)
 
     @etcd_errors
     async def Put(self, request: rpc_pb2.PutRequest, call: Call) -> rpc_pb2.PutResponse:

@@ -46,6 +46,8 @@ from pykine.transport.plain import PlainRequest
 log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct(">BL")
+# Messages from this size on are sent without first copying them behind their prefix.
+LARGE_MESSAGE = 64 << 10
 
 
 class Status(IntEnum):
@@ -351,7 +353,7 @@ class Call:
         if self.done:
             return
         self._close()
-        self._dispatcher.respond(self.stream, encode_message(response.SerializeToString()))
+        self._dispatcher.respond(self.stream, response.SerializeToString())
 
     async def _stream_responses(self, request: Any) -> None:
         responses: AsyncIterator[Any] = self.method.handler(request, self)
@@ -525,8 +527,16 @@ class GrpcDispatcher:
     def consumed(self, stream: h2.Stream, size: int) -> None:
         self.connection.acknowledge(stream, size)
 
-    def respond(self, stream: h2.Stream, message: bytes) -> None:
-        self.connection.send_response(stream, RESPONSE_HEADERS, message, OK_TRAILERS)
+    def respond(self, stream: h2.Stream, payload: bytes) -> None:
+        """A unary call's answer: one write for the usual small one; a large one is not copied to frame it."""
+        connection = self.connection
+        if len(payload) < LARGE_MESSAGE:
+            connection.send_response(stream, RESPONSE_HEADERS, encode_message(payload), OK_TRAILERS)
+            return
+        connection.send_headers(stream, RESPONSE_HEADERS)
+        connection.send_data(stream, _PREFIX.pack(0, len(payload)))
+        connection.send_data(stream, payload)
+        connection.send_headers(stream, OK_TRAILERS, end_stream=True)
 
     @property
     def busy(self) -> bool:

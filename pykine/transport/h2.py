@@ -187,7 +187,7 @@ class Connection:
         self.goaway_received = False
         self.last_stream_id = 0
         self.on_output: object = None  # called (no arguments) when output appears outside receive()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._flush_pending = False
         self._buffer = b""
         self._preface_seen = False
@@ -622,7 +622,8 @@ class Connection:
                     progress = True
                 elif self._send_window > 0 and stream.send_window > 0:
                     size = min(len(head), self._send_window, stream.send_window, self._peer_max_frame)
-                    self._emit(frame_header(DATA, 0, stream.id, size) + head[:size].tobytes())
+                    self._emit(frame_header(DATA, 0, stream.id, size))
+                    self._out.append(head[:size])  # a view: copied once, when the output is joined
                     self._send_window -= size
                     stream.send_window -= size
                     stream.queued -= size
