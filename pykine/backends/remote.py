@@ -176,9 +176,9 @@ class RemoteSQLBackend(Backend):
             rows = [KeyValueRow._make(row[2:])] if row[2] is not None else []
             return RangeRows(int(row[0]), int(row[1]), rows, len(rows))
         async with self._read_session() as session:
-            return await self._range(session, query)
+            return await self._range(session, query, known)
 
-    async def _range(self, session: Session, query: RangeQuery) -> RangeRows:
+    async def _range(self, session: Session, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
         revision, compact = await self._revisions(session)
         if query.revision > revision or 0 < query.revision < compact or query.span.empty:
             return RangeRows(revision, compact, [], 0)
@@ -186,7 +186,26 @@ class RemoteSQLBackend(Backend):
         count = int((await session.rows(count_sql, count_params))[0][0]) if count_sql else None
         if query.count_only:
             return RangeRows(revision, compact, [], count or 0)
+        plain = query.sort is None and not (query.filtered or query.keys_only)
+        if known is not None and plain and not (query.revision and query.revision < revision):
+            rows = await self._rows_or_known(session, query, known)
+            return RangeRows(revision, compact, rows, count if count is not None else len(rows))
         return range_rows(query, revision, compact, count, await session.rows(rows_sql, rows_params))
+
+    async def _rows_or_known(self, session: Session, query: RangeQuery, known: KnownRows) -> list[KeyValueRow | bytes]:
+        """As SQLiteBackend._rows_or_known: the pairs from the kv_keys index, whole rows only where unknown."""
+        sql, params = self.SQL.versions(query)
+        versions = [(bytes(key), int(mod_revision)) for key, mod_revision in await session.rows(sql, params)]
+        rows: list[Any] = list(map(known, versions))
+        if None not in rows:
+            return rows
+        missing = {versions[index][0]: index for index, row in enumerate(rows) if row is None}
+        keys = list(missing)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            for row in range_rows(query, 0, 0, None, await session.rows(self.SQL.latest_keys(len(chunk)), chunk)).rows:
+                rows[missing[row.key]] = row
+        return rows
 
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:
         async with self._read_session() as session:

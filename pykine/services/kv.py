@@ -17,8 +17,11 @@ class KVService:
         self.known = encode.EncodedKeyValues()
 
     @etcd_errors
-    async def Range(self, request: rpc_pb2.RangeRequest, call: Call) -> encode.Encoded:
+    async def Range(self, request: rpc_pb2.RangeRequest, call: Call) -> encode.Encoded | rpc_pb2.RangeResponse:
         validate.check_range(request)
+        if request.keys_only:  # rows without their values must not enter the cache of whole ones
+            result = await self.engine.range(request)
+            return encode.range_response(result, self.identity.header(result.revision))
         result = await self.engine.range(request, self.known.get)
         return encode.encoded_range_response(result, self.identity.header(result.revision), self.known)
 
