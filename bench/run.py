@@ -254,6 +254,10 @@ class RssSampler(threading.Thread):
 # --- running one server ------------------------------------------------------------------------
 
 
+# The phases whose operations the server CPU per operation divides by (list counted by pages, watch by writes).
+OP_PHASES = ("create", "get", "update", "list_page", "count", "watch_write", "delete")
+
+
 def status_ok(address: str) -> bool:
     """One Maintenance.Status call on a fresh channel (so no reconnect backoff delays the answer)."""
     from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
@@ -502,23 +506,28 @@ def table(results: list[Measurement]) -> str:
             )
     lines.append("")
     lines.append(
-        f"{'server':<14} {'start':>8} {'peak RSS':>10} {'server cpu':>11} {'loadgen cpu':>12} {'loadgen wall':>13} "
-        f"{'client load':>12}"
+        f"{'server':<14} {'start':>8} {'peak RSS':>10} {'server cpu':>11} {'per op':>9} {'loadgen cpu':>12} "
+        f"{'loadgen wall':>13} {'client load':>12}"
     )
     for measurement in results:
         wall, cpu = measurement.loadgen_wall_seconds, measurement.loadgen_cpu_seconds
         load = f"{cpu / wall:.2f} core" if cpu is not None and wall else "-"
         start_time = "-" if measurement.start_seconds is None else f"{measurement.start_seconds:.2f} s"
         server_cpu = "-" if measurement.server_cpu_seconds is None else f"{measurement.server_cpu_seconds:.1f} s"
+        ops = sum(phase["ops"] for phase in measurement.loadgen.get("phases", []) if phase["name"] in OP_PHASES)
+        per_op = "-"
+        if measurement.server_cpu_seconds is not None and ops:
+            per_op = f"{measurement.server_cpu_seconds / ops * 1e6:.0f} µs"
         lines.append(
             f"{measurement.server:<14} {start_time:>8} {mib(measurement.peak_rss_bytes):>10} {server_cpu:>11} "
-            f"{number(cpu):>10} s {number(wall):>11} s {load:>12}"
+            f"{per_op:>9} {number(cpu):>10} s {number(wall):>11} s {load:>12}"
         )
     cores = os.cpu_count() or 1
     lines.append(f"ratios: server / {base.server} (ops/s above 1 is faster, latency above 1 is slower)")
     lines.append(
         f"client cpu, client load: the load generator's own CPU time over wall time, in cores (this machine has "
-        f"{cores}); server cpu: the server's CPU time while the load ran; start: spawn until Status answers"
+        f"{cores}); server cpu: the server's CPU time while the load ran, and per operation of the phases (a list"
+        f" page, a watch event's write, a GuaranteedUpdate with its get and retries); start: spawn until Status answers"
     )
     for measurement in results:
         if measurement.error:

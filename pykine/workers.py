@@ -1,6 +1,6 @@
 """Several serving processes on one port and one datastore (--workers N).
 
-One Python process spends most of its CPU inside gRPC's core, so pykine can
+One Python process runs on one core at a time (the GIL), so pykine can
 run N workers that share the listening port (SO_REUSEPORT: the kernel spreads
 connections over them) and the datastore. Each worker is a whole pykine: the
 datastore serialises their writes, revisions come from the stored counter,

@@ -237,3 +237,9 @@ def test_periodic_progress_notification(watchprobe: str) -> None:
     assert _is_progress(progress, current), progress
     [event] = got.responses("after periodic progress", "b")
     assert [e["kv"]["key"] for e in event["events"]] == ["/registry/b/new"]
+
+
+def test_keepalive_pings_are_answered(watchprobe: str) -> None:
+    """grpc-go's keepalive PINGs (kube-apiserver sends them) are acknowledged: a quiet watch survives them."""
+    got = differential(watchprobe, "keepalive")
+    assert [line["step"] for line in got.lines][-2:] == ["after pings", "done"]

@@ -361,15 +361,31 @@ func periodic(cli *clientv3.Client) {
 	receive("after periodic progress", "b", wb) // the event, not a progress notification
 }
 
+// keepalive: with client keepalive on (grpc-go sends a PING after 10 s
+// without traffic and drops the connection if no ACK comes within the
+// timeout), a watch that stays quiet past several pings still works.
+func keepalive(cli *clientv3.Client) {
+	ctx := clientv3.WithRequireLeader(context.Background())
+	current := revision(cli, "get")
+	w := cli.Watch(ctx, "/registry/quiet/", clientv3.WithPrefix(), clientv3.WithRev(current+1))
+	time.Sleep(keepaliveTime + keepaliveTime/2)
+	put(cli, "/registry/quiet/k", "v1")
+	receive("after pings", "quiet", w)
+}
+
+// The shortest keepalive interval grpc-go allows a client.
+const keepaliveTime = 10 * time.Second
+
 func main() {
 	endpoint := flag.String("endpoint", "127.0.0.1:2379", "etcd endpoint host:port")
-	scenario := flag.String("scenario", "progress", "progress, compacted, streams or periodic")
+	scenario := flag.String("scenario", "progress", "progress, compacted, streams, periodic or keepalive")
 	flag.Parse()
 	scenarios := map[string]func(*clientv3.Client){
 		"progress":  progress,
 		"compacted": compacted,
 		"streams":   streams,
 		"periodic":  periodic,
+		"keepalive": keepalive,
 	}
 	run, ok := scenarios[*scenario]
 	if !ok {
@@ -380,7 +396,12 @@ func main() {
 		emit("deadline", obj{"fatal": fmt.Sprintf("scenario did not finish within %s", deadline)})
 		os.Exit(3)
 	})
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{*endpoint}, DialTimeout: stepTimeout})
+	config := clientv3.Config{Endpoints: []string{*endpoint}, DialTimeout: stepTimeout}
+	if *scenario == "keepalive" {
+		config.DialKeepAliveTime = keepaliveTime
+		config.DialKeepAliveTimeout = 2 * time.Second
+	}
+	cli, err := clientv3.New(config)
 	if err != nil {
 		fail("connect", err)
 	}
