@@ -514,8 +514,15 @@ def test_reads_of_one_revision_in_every_form_agree(servers: Pair) -> None:
         whole,
     ):
         servers.same("KV", "Range", request)
+    counted = pb.RangeRequest(key=b"form/", range_end=b"form0", count_only=True)
+    assert servers.same("KV", "Range", counted).response.count == 5
     servers.kv("Put", pb.PutRequest(key=b"form/2", value=b"changed"))
     assert [kv.value for kv in servers.same("KV", "Range", whole).response.kvs][2] == b"changed"
+    servers.kv("Put", pb.PutRequest(key=b"form/5", value=b"new"))
+    assert servers.same("KV", "Range", counted).response.count == 6  # (pykine caches counts per revision)
+    servers.same("KV", "Range", pb.RangeRequest(key=b"form/", range_end=b"form0", limit=1))
+    servers.kv("DeleteRange", pb.DeleteRangeRequest(key=b"form/0"))
+    assert servers.same("KV", "Range", counted).response.count == 5
 
 
 def test_health_service_like_etcds(servers: Pair) -> None:

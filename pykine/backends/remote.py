@@ -35,6 +35,7 @@ from pykine.backends.base import Backend, BackendError, ConnectionOptions, Plan
 from pykine.backends.sqltext import (
     INITIAL_META,
     SCHEMA_VERSION,
+    CountCache,
     Statements,
     assemble_snapshot,
     history_change,
@@ -92,6 +93,7 @@ class RemoteSQLBackend(Backend):
         # Tells this instance's own notifications from other instances'.
         self.instance_id = f"{random.getrandbits(64):016x}"
         self._duty_connection: Any = None
+        self._counts = CountCache()
 
     # -- what a server backend supplies -------------------------------------------------
 
@@ -183,7 +185,12 @@ class RemoteSQLBackend(Backend):
         if query.revision > revision or 0 < query.revision < compact or query.span.empty:
             return RangeRows(revision, compact, [], 0)
         count_sql, rows_sql, count_params, rows_params = self.SQL.range(query, revision)
-        count = int((await session.rows(count_sql, count_params))[0][0]) if count_sql else None
+        count = None
+        if count_sql:
+            count = self._counts.get(count_sql, count_params, revision)
+            if count is None:
+                found = int((await session.rows(count_sql, count_params))[0][0])
+                count = self._counts.put(count_sql, count_params, revision, found)
         if query.count_only:
             return RangeRows(revision, compact, [], count or 0)
         plain = query.sort is None and not (query.filtered or query.keys_only)

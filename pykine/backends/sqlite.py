@@ -25,6 +25,7 @@ from pykine.backends.sqltext import (
     INITIAL_META,
     SCHEMA_VERSION,
     SQLITE,
+    CountCache,
     Statements,
     assemble_snapshot,
     history_change,
@@ -118,6 +119,7 @@ class SQLiteBackend(Backend):
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
         # What the last read of each shape (span, kind, limit) cost, in seconds, and how often it ran.
         self._read_costs: dict[tuple[Any, ...], tuple[float, int]] = {}
+        self._counts = CountCache()
         # The duty claim among processes sharing the file: a lock on a file beside it.
         self._duty_file: int | None = None
 
@@ -274,7 +276,13 @@ class SQLiteBackend(Backend):
         if query.revision > revision or 0 < query.revision < compact or query.span.empty:
             return RangeRows(revision, compact, [], 0)
         count_sql, rows_sql, count_params, rows_params = SQL.range(query, revision)
-        count = conn.execute(count_sql, count_params).fetchone()[0] if count_sql else None
+        count = None
+        if count_sql:
+            count = self._counts.get(count_sql, count_params, revision)
+            if count is None:
+                count = self._counts.put(
+                    count_sql, count_params, revision, conn.execute(count_sql, count_params).fetchone()[0]
+                )
         if query.count_only:
             return RangeRows(revision, compact, [], count or 0)
         plain = query.sort is None and not (query.filtered or query.keys_only)
