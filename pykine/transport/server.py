@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 from dataclasses import dataclass, field
 
 from pykine.transport import h2
@@ -221,7 +222,7 @@ class Server:
 
     async def listen_unix(self, path: str, ssl_context: ssl.SSLContext | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not os.path.isfile(path):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)  # a socket left by an earlier run
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(
