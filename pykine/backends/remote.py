@@ -39,8 +39,11 @@ from pykine.backends.sqltext import (
     Statements,
     assemble_snapshot,
     history_change,
+    key_chunks,
+    known_rows,
     member_params,
     member_rows,
+    place_rows,
     range_rows,
     snapshot_queries,
     upgrade_statements,
@@ -203,15 +206,9 @@ class RemoteSQLBackend(Backend):
         """As SQLiteBackend._rows_or_known: the pairs from the kv_keys index, whole rows only where unknown."""
         sql, params = self.SQL.versions(query)
         versions = [(bytes(key), int(mod_revision)) for key, mod_revision in await session.rows(sql, params)]
-        rows: list[Any] = list(map(known, versions))
-        if None not in rows:
-            return rows
-        missing = {versions[index][0]: index for index, row in enumerate(rows) if row is None}
-        keys = list(missing)
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            for row in range_rows(query, 0, 0, None, await session.rows(self.SQL.latest_keys(len(chunk)), chunk)).rows:
-                rows[missing[row.key]] = row
+        rows, missing = known_rows(versions, known)
+        for chunk in key_chunks(missing):
+            place_rows(rows, missing, await session.rows(self.SQL.latest_keys(len(chunk)), chunk))
         return rows
 
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:

@@ -29,8 +29,11 @@ from pykine.backends.sqltext import (
     Statements,
     assemble_snapshot,
     history_change,
+    key_chunks,
+    known_rows,
     member_params,
     member_rows,
+    place_rows,
     range_rows,
     snapshot_queries,
     upgrade_statements,
@@ -301,16 +304,9 @@ class SQLiteBackend(Backend):
         in the same snapshot.
         """
         sql, params = SQL.versions(query)
-        versions = conn.execute(sql, params).fetchall()
-        rows: list[Any] = list(map(known, versions))
-        if None not in rows:
-            return rows
-        missing = {versions[index][0]: index for index, row in enumerate(rows) if row is None}
-        keys = list(missing)
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            for row in conn.execute(SQL.latest_keys(len(chunk)), chunk):
-                rows[missing[row[0]]] = KeyValueRow._make(row)
+        rows, missing = known_rows(conn.execute(sql, params).fetchall(), known)
+        for chunk in key_chunks(missing):
+            place_rows(rows, missing, conn.execute(SQL.latest_keys(len(chunk)), chunk))
         return rows
 
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:

@@ -10,6 +10,7 @@ written with `?` markers and translated once per dialect.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -18,6 +19,7 @@ from pykine.engine.records import (
     Change,
     KeySpan,
     KeyValueRow,
+    KnownRows,
     LeaseRow,
     MemberRow,
     RangeQuery,
@@ -521,6 +523,28 @@ def assemble_snapshot(
             for row in rows:
                 leases[row[0]] = LeaseRow._make(row)
     return Snapshot(revision, compact, list(latest.values()), history, leases)
+
+
+def known_rows(versions: list[tuple[bytes, int]], known: KnownRows) -> tuple[list[Any], dict[bytes, int]]:
+    """A range's rows as what `known` gives for its (key, mod_revision) pairs; the keys still to read, by place."""
+    rows: list[Any] = list(map(known, versions))
+    if None not in rows:
+        return rows, {}
+    return rows, {versions[index][0]: index for index, row in enumerate(rows) if row is None}
+
+
+def key_chunks(keys: Iterable[bytes], size: int = 500) -> Iterator[list[bytes]]:
+    """Keys in lists of at most `size`, for `latest_keys` statements of bounded length."""
+    batch = list(keys)
+    for start in range(0, len(batch), size):
+        yield batch[start : start + size]
+
+
+def place_rows(rows: list[Any], missing: dict[bytes, int], fetched: Iterable[Any]) -> None:
+    """Put whole rows read by key into the places known_rows left for them."""
+    for row in fetched:
+        kv = KeyValueRow._make(row)
+        rows[missing[kv.key]] = kv
 
 
 class CountCache:

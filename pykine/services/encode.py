@@ -82,14 +82,7 @@ class EncodedKeyValues:
 
     def field(self, row: KeyValueRow) -> bytes:
         """The row as a RangeResponse.kvs field, kept for next time."""
-        data = KeyValue(
-            key=row.key,
-            create_revision=row.create_revision,
-            mod_revision=row.mod_revision,
-            version=row.version,
-            value=row.value,
-            lease=row.lease,
-        ).SerializeToString()
+        data = key_value(row).SerializeToString()
         field = _KVS_TAG + _length_prefix(len(data)) + data
         entries = self._entries
         entry = (row.key, row.mod_revision)
