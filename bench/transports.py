@@ -25,15 +25,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every stack answers with the same canned message.
+ANSWER = """
+from pykine.wire import rpc_pb2
+
+ANSWER = rpc_pb2.RangeResponse(header=rpc_pb2.ResponseHeader(cluster_id=1, member_id=2, revision=3, raft_term=1))
+"""
+
+# grpcio's registration of a Range handler, for both of its servers.
+GRPCIO = """
+import grpc
+
+def range_handlers(range_):
+    handler = grpc.unary_unary_rpc_method_handler(
+        range_,
+        request_deserializer=rpc_pb2.RangeRequest.FromString,
+        response_serializer=rpc_pb2.RangeResponse.SerializeToString,
+    )
+    return (grpc.method_handlers_generic_handler("etcdserverpb.KV", {"Range": handler}),)
+"""
+
 SERVERS = {
-    "pykine": """
+    "pykine": ANSWER
+    + """
 import asyncio, uvloop
 from pykine.transport.grpc import Method, Registry
 from pykine.transport.http1 import Router
 from pykine.transport.server import Server
-from pykine.wire import rpc_pb2
-
-ANSWER = rpc_pb2.RangeResponse(header=rpc_pb2.ResponseHeader(cluster_id=1, member_id=2, revision=3, raft_term=1))
 
 async def range_(request, call):
     return ANSWER
@@ -48,46 +66,33 @@ async def main():
 
 uvloop.run(main())
 """,
-    "grpcio-aio": """
-import asyncio, grpc, uvloop
-from pykine.wire import rpc_pb2
-
-ANSWER = rpc_pb2.RangeResponse(header=rpc_pb2.ResponseHeader(cluster_id=1, member_id=2, revision=3, raft_term=1))
+    "grpcio-aio": ANSWER
+    + GRPCIO
+    + """
+import uvloop
 
 async def range_(request, context):
     return ANSWER
 
 async def main():
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(
-        range_,
-        request_deserializer=rpc_pb2.RangeRequest.FromString,
-        response_serializer=rpc_pb2.RangeResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("etcdserverpb.KV", {"Range": handler}),))
+    server.add_generic_rpc_handlers(range_handlers(range_))
     server.add_insecure_port(f"127.0.0.1:{PORT}")
     await server.start()
     await server.wait_for_termination()
 
 uvloop.run(main())
 """,
-    "grpcio-threads": """
+    "grpcio-threads": ANSWER
+    + GRPCIO
+    + """
 from concurrent import futures
-import grpc
-from pykine.wire import rpc_pb2
-
-ANSWER = rpc_pb2.RangeResponse(header=rpc_pb2.ResponseHeader(cluster_id=1, member_id=2, revision=3, raft_term=1))
 
 def range_(request, context):
     return ANSWER
 
 server = grpc.server(futures.ThreadPoolExecutor(8))
-handler = grpc.unary_unary_rpc_method_handler(
-    range_,
-    request_deserializer=rpc_pb2.RangeRequest.FromString,
-    response_serializer=rpc_pb2.RangeResponse.SerializeToString,
-)
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("etcdserverpb.KV", {"Range": handler}),))
+server.add_generic_rpc_handlers(range_handlers(range_))
 server.add_insecure_port(f"127.0.0.1:{PORT}")
 server.start()
 server.wait_for_termination()

@@ -196,8 +196,8 @@ class RemoteSQLBackend(Backend):
                 count = self._counts.put(count_sql, count_params, revision, found)
         if query.count_only:
             return RangeRows(revision, compact, [], count or 0)
-        plain = query.sort is None and not (query.filtered or query.keys_only)
-        if known is not None and plain and not (query.revision and query.revision < revision):
+        current = not (query.revision and query.revision < revision)
+        if known is not None and current and query.whole_rows_in_key_order:
             rows = await self._rows_or_known(session, query, known)
             return RangeRows(revision, compact, rows, count if count is not None else len(rows))
         return range_rows(query, revision, compact, count, await session.rows(rows_sql, rows_params))

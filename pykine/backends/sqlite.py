@@ -146,7 +146,23 @@ class SQLiteBackend(Backend):
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the writer thread, when no commit is using the writer's connection."""
         async with self._write_lock:
-            return await self._on(self._writer, fn, *args)
+            return await self._on(self._writer, self._waiting, fn, *args)
+
+    def _waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn on the writer thread, waiting for other processes' writes as long as the busy timeout.
+
+        With commits on the loop the writer's connection does not wait (a
+        batch that finds the database locked waits here instead), so the
+        thread's jobs turn the timeout on for their duration.
+        """
+        if not self._inline_commits:
+            return fn(*args)
+        conn = self._connection()
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        try:
+            return fn(*args)
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
 
     async def start(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -157,6 +173,8 @@ class SQLiteBackend(Backend):
             raise BackendError(f"cannot open sqlite database {self.path}: {exc}") from exc
         if self._inline_commits is None:
             self._inline_commits = await self._write(self._commit_seconds) < INLINE_COMMIT_SECONDS
+        if self._inline_commits:  # the loop must never wait for another process's write
+            await self._on(self._writer, lambda: self._connection().execute("PRAGMA busy_timeout = 0"))
         self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_loop())
 
     async def _checkpoint_loop(self) -> None:
@@ -288,8 +306,8 @@ class SQLiteBackend(Backend):
                 )
         if query.count_only:
             return RangeRows(revision, compact, [], count or 0)
-        plain = query.sort is None and not (query.filtered or query.keys_only)
-        if known is not None and plain and not (query.revision and query.revision < revision):
+        current = not (query.revision and query.revision < revision)
+        if known is not None and current and query.whole_rows_in_key_order:
             rows = self._rows_or_known(conn, query, known)
             return RangeRows(revision, compact, rows, count if count is not None else len(rows))
         return range_rows(query, revision, compact, count, conn.execute(rows_sql, rows_params).fetchall())
@@ -347,16 +365,10 @@ class SQLiteBackend(Backend):
                 return await self._on(self._writer, self._commit, reads, plan)
             conn = self._writer_connection
             assert conn is not None, "start() opens the writer's connection"
-            conn.execute("PRAGMA busy_timeout = 0")  # the loop must not wait for another process's write
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:
-                began = False
-            else:
-                began = True
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-            if not began:  # another process is writing: wait for it on the writer thread
-                await self._on(self._writer, conn.execute, "BEGIN IMMEDIATE")
+                conn.execute("BEGIN IMMEDIATE")  # busy_timeout 0 on this connection: never waits
+            except sqlite3.OperationalError:  # another process is writing: wait for it on the writer thread
+                await self._on(self._writer, self._waiting, conn.execute, "BEGIN IMMEDIATE")
             return self._apply(conn, reads, plan)
 
     def _commit(self, reads: ReadSet, plan: Plan[T]) -> tuple[WriteSet, T]:

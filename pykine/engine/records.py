@@ -93,6 +93,11 @@ class RangeQuery:
     max_create_revision: int = 0
 
     @property
+    def whole_rows_in_key_order(self) -> bool:
+        """Rows as stored, in key order: what a caller's encoded rows (KnownRows) can stand in for."""
+        return self.sort is None and not (self.keys_only or self.count_only or self.filtered)
+
+    @property
     def filtered(self) -> bool:
         return bool(
             self.min_mod_revision or self.max_mod_revision or self.min_create_revision or self.max_create_revision

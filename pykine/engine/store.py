@@ -131,11 +131,8 @@ class Engine:
         filters (the limit still applies, to the list).
         """
         query = range_query(request)
-        plain = (
-            request.sort_order == RangeRequest.NONE
-            and request.sort_target == RangeRequest.KEY
-            and not (request.keys_only or request.count_only or query.filtered)
-        )
+        # etcd sorts by a non-key target even without a sort order (finish_range): that needs the rows.
+        plain = query.whole_rows_in_key_order and request.sort_target == RangeRequest.KEY
         try:
             rows = await self.backend.read_range(query, known if plain else None)
         except Exception as exc:

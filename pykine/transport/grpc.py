@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import json
 import logging
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -155,9 +156,8 @@ def parse_timeout(value: bytes) -> float | None:
     """
     digits, unit = value[:-1], value[-1:]
     scale = _TIMEOUT_UNITS.get(unit)
-    if scale is None or not 0 < len(digits.lstrip(b"+-")) <= 8 or not digits.lstrip(b"+-").isdigit():
-        return None
-    if len(digits) - len(digits.lstrip(b"+-")) > 1:
+    magnitude = digits[1:] if digits[:1] in (b"+", b"-") else digits
+    if scale is None or not 0 < len(magnitude) <= 8 or not magnitude.isdigit():
         return None
     return int(digits) * scale
 
@@ -342,43 +342,36 @@ class Call:
         self.fail(Status.DEADLINE_EXCEEDED, "context deadline exceeded")
 
     async def _unary_response(self, request: Any) -> None:
-        try:
+        with self._errors_end_the_call():
             response = await self.method.handler(request, self)
-        except RpcError as error:
-            self.finish(error.status, error.message)
-            return
-        except Exception as error:
-            self._crashed(error)
-            return
-        if self.done:
-            return
-        self._close()
-        self._dispatcher.respond(self.stream, response.SerializeToString())
+            if not self.done:
+                self._close()
+                self._dispatcher.respond(self.stream, response.SerializeToString())
 
     async def _stream_responses(self, request: Any) -> None:
         responses: AsyncIterator[Any] = self.method.handler(request, self)
+        with self._errors_end_the_call():
+            try:
+                async for response in responses:
+                    if self.done:
+                        break
+                    await self.send(response)
+            finally:
+                if hasattr(responses, "aclose"):
+                    await responses.aclose()
+            self.finish(Status.OK, "")
+
+    @contextlib.contextmanager
+    def _errors_end_the_call(self) -> Iterator[None]:
+        """A handler's RpcError becomes its status; another error is a bug: UNKNOWN (as grpc-go), and logged."""
         try:
-            async for response in responses:
-                if self.done:
-                    break
-                await self.send(response)
+            yield
         except RpcError as error:
             self.finish(error.status, error.message)
-            return
         except Exception as error:
-            self._crashed(error)
-            return
-        finally:
-            if hasattr(responses, "aclose"):
-                await responses.aclose()
-        self.finish(Status.OK, "")
-
-    def _crashed(self, error: Exception) -> None:
-        """A handler bug: grpc-go answers UNKNOWN with the error's text; we log it too."""
-        if self.done:
-            return
-        log.error("%s failed", self.path, exc_info=error)
-        self.finish(Status.UNKNOWN, str(error))
+            if not self.done:
+                log.error("%s failed", self.path, exc_info=error)
+                self.finish(Status.UNKNOWN, str(error))
 
     # -- output --------------------------------------------------------------------
 

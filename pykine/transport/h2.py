@@ -184,7 +184,6 @@ class Connection:
         self.streams: dict[int, Stream] = {}
         self.closed = False  # after a connection error or our final GOAWAY
         self.goaway_sent = False
-        self.goaway_received = False
         self.last_stream_id = 0
         self.on_output: object = None  # called (no arguments) when output appears outside receive()
         self._out: list[bytes | memoryview] = []
@@ -330,7 +329,7 @@ class Connection:
                 raise ConnectionViolation(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
             if len(payload) < 8:
                 raise ConnectionViolation(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY too short")
-            self.goaway_received = True
+            # The client stops opening streams; ours run to their end and it closes.
         elif kind == PUSH_PROMISE:
             raise ConnectionViolation(ErrorCode.PROTOCOL_ERROR, "clients cannot push")
         # Frames of unknown types are ignored (RFC 9113 section 5.5).
@@ -687,9 +686,6 @@ class Connection:
             for stream in list(self.streams.values()):
                 if stream.queued < LOW_WATER:
                     self.handler.stream_writable(stream)
-
-    def ping(self, payload: bytes) -> None:
-        self._emit(frame(PING, 0, 0, payload))
 
     # -- closing ------------------------------------------------------------------------
 

@@ -38,12 +38,6 @@ class HttpRequest:
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
 
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
 
 @dataclass(slots=True)
 class HttpResponse:
