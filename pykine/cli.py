@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from pykine import __version__
 from pykine.backends.base import ConnectionOptions
+from pykine.transport.tls import TlsConfigError, TlsFiles, build_context
 
 # Flags kine also has, so KINE_<FLAG> is honoured for them.
 KINE_FLAGS = {
@@ -32,7 +33,13 @@ KINE_FLAGS = {
     "datastore-max-idle-connections",
     "datastore-max-open-connections",
     "datastore-connection-max-lifetime",
+    "server-cert-file",
+    "server-key-file",
+    "trusted-ca-file",
 }
+
+# Listen schemes that promise TLS.
+SECURE_SCHEMES = ("https://", "unixs://")
 
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -52,6 +59,8 @@ class Settings:
     connection: ConnectionOptions
     # Set by the supervisor for its workers: they share one port on purpose.
     reuse_port: bool
+    # Client-facing TLS (and, with a trusted CA, required client certificates); None: plaintext.
+    tls: TlsFiles | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("workers") or "1",
         help="serving processes sharing the port and the datastore (default 1)",
     )
+    client_tls = parser.add_argument_group("client TLS (TLS 1.2+, files reloaded when they change)")
+    for flag, what in (
+        ("server-cert-file", "certificate to serve clients with (turns TLS on)"),
+        ("server-key-file", "key of --server-cert-file"),
+        ("trusted-ca-file", "CA that must have signed every client's certificate (turns mTLS on)"),
+    ):
+        client_tls.add_argument(f"--{flag}", default=_env(flag) or "", help=what)
     datastore = parser.add_argument_group("database servers (postgres://, mysql://)")
     for flag, what in (
         ("ca-file", "CA certificate to verify the database server with"),
@@ -216,6 +232,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         fail(f"--metrics-bind-address must be host:port, got {args.metrics_bind_address!r}")
     if not re.fullmatch(r"\d+\.\d+\.\d+", args.emulated_etcd_version):
         fail(f"--emulated-etcd-version must look like 3.5.13, got {args.emulated_etcd_version!r}")
+    tls = _client_tls(args)
+    if tls is None and args.listen_address.startswith(SECURE_SCHEMES):
+        fail(f"--listen-address {args.listen_address} needs --server-cert-file and --server-key-file")
     return Settings(
         listen_address=args.listen_address,
         endpoint=args.endpoint,
@@ -237,7 +256,24 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             poll_interval=args.datastore_poll_interval or 0.0,
         ),
         reuse_port=args.reuse_port,
+        tls=tls,
     )
+
+
+def _client_tls(args: argparse.Namespace) -> TlsFiles | None:
+    """The client TLS files, checked now so that every mistake is one line at start-up."""
+    if not (args.server_cert_file or args.server_key_file or args.trusted_ca_file):
+        return None
+    if not args.server_cert_file:
+        fail("--server-key-file and --trusted-ca-file need --server-cert-file")
+    if not args.server_key_file:
+        fail("--server-cert-file needs --server-key-file")
+    files = TlsFiles(args.server_cert_file, args.server_key_file, args.trusted_ca_file)
+    try:
+        build_context(files)
+    except TlsConfigError as exc:
+        fail(f"client TLS: {exc}")
+    return files
 
 
 def main(argv: list[str] | None = None) -> None:

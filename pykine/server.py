@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 
 from pykine import __version__
 from pykine.backends import open_backend
@@ -29,16 +30,18 @@ from pykine.services.watch import WatchService
 from pykine.transport.grpc import CallLimits, Registry
 from pykine.transport.http1 import Router
 from pykine.transport.server import Server, ServerLimits
+from pykine.transport.tls import ReloadingTls, TlsConfigError
 from pykine.wire import health_pb2, rpc_pb2
 
 log = logging.getLogger("pykine")
 
 
 def split_listen_address(listen_address: str) -> tuple[str, int] | str:
-    """kine's listen forms: (host, port) for host:port, tcp:// and http://; the path for unix://."""
-    if listen_address.startswith("unix://"):
-        return listen_address[len("unix://") :]
-    for prefix in ("tcp://", "http://"):
+    """kine's listen forms: (host, port) for host:port, tcp://, http:// and https://; the path for unix(s)://."""
+    for prefix in ("unix://", "unixs://"):
+        if listen_address.startswith(prefix):
+            return listen_address[len(prefix) :]
+    for prefix in ("tcp://", "http://", "https://"):
         if listen_address.startswith(prefix):
             listen_address = listen_address[len(prefix) :]
     host, sep, port = listen_address.rpartition(":")
@@ -47,11 +50,11 @@ def split_listen_address(listen_address: str) -> tuple[str, int] | str:
     return host, int(port)
 
 
-def client_url(address: tuple[str, int] | str, port: int) -> str:
+def client_url(address: tuple[str, int] | str, port: int, tls: bool) -> str:
     """The URL clients reach us at, with the port actually bound."""
     if isinstance(address, str):
-        return "unix://" + address
-    return f"http://{address[0]}:{port}"
+        return ("unixs://" if tls else "unix://") + address
+    return f"{'https' if tls else 'http'}://{address[0]}:{port}"
 
 
 def check_listen_address(listen_address: str) -> None:
@@ -94,14 +97,16 @@ def register_services(
     register(registry, health_pb2.DESCRIPTOR.services_by_name["Health"], health)
 
 
-async def listen(server: Server, listen_address: str, reuse_port: bool = False) -> int:
+async def listen(
+    server: Server, listen_address: str, reuse_port: bool = False, tls: ssl.SSLContext | None = None
+) -> int:
     """Listen on one of kine's address forms; the port bound (0 for a unix socket)."""
     address = split_listen_address(listen_address)
     try:
         if isinstance(address, str):
-            await server.listen_unix(address)
+            await server.listen_unix(address, ssl_context=tls)
             return 0
-        return await server.listen_tcp(*address, reuse_port=reuse_port)
+        return await server.listen_tcp(*address, ssl_context=tls, reuse_port=reuse_port)
     except OSError as exc:
         raise BackendError(f"cannot listen on {listen_address}: {exc.strerror or exc}") from exc
 
@@ -124,19 +129,22 @@ async def serve(settings: Settings) -> None:
     server = Server(registry, router, limits)
     metrics_server: Server | None = None
     try:
+        tls = ReloadingTls(settings.tls) if settings.tls is not None else None
         # Two servers on one port would split clients between datastores;
         # only the workers of one supervisor share a port, on purpose.
-        port = await listen(server, settings.listen_address, settings.reuse_port)
+        port = await listen(
+            server, settings.listen_address, settings.reuse_port, tls.listening_context if tls else None
+        )
         if settings.metrics_bind_address:
             metrics_router = Router()
             add_metrics_route(metrics_router)
             metrics_server = Server(Registry(), metrics_router)
             await listen(metrics_server, settings.metrics_bind_address)
-    except BackendError:
+    except (BackendError, TlsConfigError):
         await server.shutdown(0)
         await engine.close()
         raise
-    url = client_url(address, port)
+    url = client_url(address, port, tls is not None)
     cluster_id = await backend.cluster_id()
     identity = Identity(cluster_id=cluster_id, member_id=member_id(cluster_id, url))
     await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
@@ -187,5 +195,5 @@ def run(settings: Settings) -> None:
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except BackendError as exc:
+    except (BackendError, TlsConfigError) as exc:
         fail(str(exc))

@@ -54,6 +54,9 @@ class Server:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        # TLS credentials for the test's own channel; None: plaintext.
+        self.credentials: grpc.ChannelCredentials | None = None
+        self.channel_options: list[tuple[str, str]] = []
         self.channel: grpc.Channel | None = None
         self._stubs: dict[str, Any] = {}
         self.log_path = os.path.join(workdir, f"{self.name}.log")
@@ -69,9 +72,11 @@ class Server:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=self.env()
             )
-        self.channel = grpc.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *self.channel_options]
+        if self.credentials is None:
+            self.channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            self.channel = grpc.secure_channel(self.address, self.credentials, options=options)
         self._stubs = {}
         deadline = time.monotonic() + timeout
         while True:
@@ -156,13 +161,14 @@ class PykineServer(Server):
         super().__init__(workdir)
         self.endpoint = endpoint if endpoint is not None else default_endpoint(workdir)
         self.extra_args = list(extra_args)
+        self.listen_address = self.address
 
     def command(self) -> list[str]:
         return [
             sys.executable,
             "-m",
             "pykine",
-            f"--listen-address={self.address}",
+            f"--listen-address={self.listen_address}",
             f"--endpoint={self.endpoint}",
             *self.extra_args,
         ]

@@ -50,6 +50,9 @@ class EchoService:
     async def Crash(self, request: Raw, call: Call) -> Raw:
         raise RuntimeError("a bug")
 
+    async def Unencodable(self, request: Raw, call: Call) -> Raw:
+        return "not a message"  # type: ignore[return-value]  # a servicer bug the call must survive
+
     async def Metadata(self, request: Raw, call: Call) -> Raw:
         return Raw(repr(sorted(call.metadata.items())).encode())
 
@@ -88,7 +91,7 @@ class Served:
         self.service = EchoService()
         registry = Registry()
         streaming = {"Count": (False, True), "Chat": (True, True), "Sum": (True, False), "Forever": (True, True)}
-        for name in ("Echo", "Fail", "Crash", "Metadata", "Hang", "Count", "Chat", "Sum", "Forever"):
+        for name in ("Echo", "Fail", "Crash", "Unencodable", "Metadata", "Hang", "Count", "Chat", "Sum", "Forever"):
             client_streaming, server_streaming = streaming.get(name, (False, False))
             registry.add(
                 "test.Test", name, Method(getattr(self.service, name), decode, client_streaming, server_streaming)
@@ -173,6 +176,8 @@ def test_errors_carry_status_and_percent_encoded_message(served: Served) -> None
         message,
     )
     assert error_of(served.method("Crash"), b"", timeout=5) == (grpc.StatusCode.UNKNOWN, "a bug")
+    code, _ = error_of(served.method("Unencodable"), b"", timeout=5)
+    assert code == grpc.StatusCode.UNKNOWN
 
 
 def test_transport_errors_are_grpc_gos(served: Served) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from pykine.transport import h2
 from pykine.transport.headers import HeaderList, encode_block
-from pykine.transport.http1 import Router
+from pykine.transport.http1 import Peer, Router
 from pykine.transport.plain import PlainRequest
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Call:
         return self._metadata
 
     @property
-    def peer(self) -> Any:
+    def peer(self) -> Peer:
         return self._dispatcher.peer
 
     # -- input ---------------------------------------------------------------------
@@ -345,8 +345,9 @@ class Call:
         with self._errors_end_the_call():
             response = await self.method.handler(request, self)
             if not self.done:
+                payload = response.SerializeToString()  # before closing: a failure here still ends the call
                 self._close()
-                self._dispatcher.respond(self.stream, response.SerializeToString())
+                self._dispatcher.respond(self.stream, payload)
 
     async def _stream_responses(self, request: Any) -> None:
         responses: AsyncIterator[Any] = self.method.handler(request, self)
@@ -427,11 +428,13 @@ class Call:
 class GrpcDispatcher:
     """The h2 StreamHandler: gRPC streams become calls, other requests go to the HTTP router."""
 
-    def __init__(self, registry: Registry, limits: CallLimits, router: Router | None = None, peer: Any = None) -> None:
+    def __init__(
+        self, registry: Registry, limits: CallLimits, router: Router | None = None, peer: Peer | None = None
+    ) -> None:
         self.registry = registry
         self.router = router
         self.limits = limits
-        self.peer = peer
+        self.peer = peer or Peer()
         self.connection: h2.Connection = None  # type: ignore[assignment]  # set by attach()
         self.tasks: set[asyncio.Task[None]] = set()
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 
 import h11
 
@@ -30,6 +31,16 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 << 10
 
 
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is at the other end of a connection, for handlers (gRPC and HTTP alike)."""
+
+    # The socket address (a (host, port) tuple, or a path for a unix socket).
+    address: Any = None
+    # The CommonName of the client certificate TLS verified, if the client presented one.
+    common_name: str | None = None
+
+
 @dataclass(slots=True)
 class HttpRequest:
     method: str
@@ -37,6 +48,7 @@ class HttpRequest:
     query: str
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
+    peer: Peer = field(default_factory=Peer)
 
 
 @dataclass(slots=True)
@@ -117,11 +129,12 @@ class Http1Connection:
         self,
         router: Router,
         transport: asyncio.Transport,
+        peer: Peer | None = None,
         max_body: int = 4 << 20,
-        server_header: str = "",
     ) -> None:
         self.router = router
         self.transport = transport
+        self.peer = peer or Peer()
         self.max_body = max_body
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._body: list[bytes] = []
@@ -211,7 +224,7 @@ class Http1Connection:
         target = request.target.decode("latin-1")
         path, _, query = target.partition("?")
         http_request = HttpRequest(
-            request.method.decode("ascii"), path, query, [(k, v) for k, v in request.headers], body
+            request.method.decode("ascii"), path, query, [(k, v) for k, v in request.headers], body, self.peer
         )
         try:
             response = await self.router.dispatch(http_request)

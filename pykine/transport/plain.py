@@ -61,6 +61,7 @@ class PlainRequest:
             query,
             [(name, value) for name, value in self._headers if not name.startswith(b":")],
             b"".join(self._body),
+            self._dispatcher.peer,
         )
         if router is None:
             response = text_response(404, "404 page not found")

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 from pykine.transport import h2
 from pykine.transport.grpc import CallLimits, GrpcDispatcher, Registry
-from pykine.transport.http1 import Http1Connection, Router
+from pykine.transport.http1 import Http1Connection, Peer, Router
+from pykine.transport.tls import common_name
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ClientConnection(asyncio.Protocol):
         self.swept_receives = -1
         self.stalled_sweeps = 0
         self.closed = False
+        self.peer = Peer()
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -71,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
         ssl_object = transport.get_extra_info("ssl_object")
+        self.peer = Peer(transport.get_extra_info("peername"), common_name(ssl_object))
         if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
             self._start_h2()
 
@@ -125,12 +128,11 @@ class ClientConnection(asyncio.Protocol):
             self._h2_receive(data)
             return
         self._undecided = b""
-        self.http1 = Http1Connection(self.server.router, self.transport)
+        self.http1 = Http1Connection(self.server.router, self.transport, self.peer)
         self.http1.receive(data)
 
     def _start_h2(self) -> None:
-        peer = self.transport.get_extra_info("peername")
-        self.dispatcher = GrpcDispatcher(self.server.registry, self.server.limits.calls, self.server.router, peer)
+        self.dispatcher = GrpcDispatcher(self.server.registry, self.server.limits.calls, self.server.router, self.peer)
         self.h2 = h2.Connection(self.dispatcher, self.server.limits.h2)
         self.dispatcher.attach(self.h2)
         self.h2.on_output = self._schedule_flush
