@@ -65,7 +65,7 @@ class ServerSpec:
     def setup(self, workdir: Path) -> None:
         """Prepare what the server needs (a database, say) before it is spawned."""
 
-    def command(self, workdir: Path, address: str) -> list[str]:
+    def command(self, workdir: Path, address: str, pki: Pki | None) -> list[str]:
         raise NotImplementedError
 
     def env(self) -> dict[str, str]:
@@ -84,9 +84,17 @@ class EtcdSpec(ServerSpec):
 
     binary: str = "etcd"
 
-    def command(self, workdir: Path, address: str) -> list[str]:
+    def command(self, workdir: Path, address: str, pki: Pki | None) -> list[str]:
         peer = f"http://127.0.0.1:{free_port()}"
-        client = f"http://{address}"
+        client = f"{'https' if pki else 'http'}://{address}"
+        tls = []
+        if pki:
+            tls = [
+                f"--cert-file={pki.server_cert}",
+                f"--key-file={pki.server_key}",
+                "--client-cert-auth",
+                f"--trusted-ca-file={pki.ca}",
+            ]
         return [
             shutil.which(self.binary) or self.binary,
             "--name=default",
@@ -98,6 +106,7 @@ class EtcdSpec(ServerSpec):
             f"--initial-cluster=default={peer}",
             "--logger=zap",
             "--log-level=error",
+            *tls,
         ]
 
     def version(self) -> str:
@@ -115,7 +124,14 @@ class PykineSpec(ServerSpec):
     endpoint: str = "sqlite://{workdir}/state.db"
     args: Sequence[str] = ()
 
-    def command(self, workdir: Path, address: str) -> list[str]:
+    def command(self, workdir: Path, address: str, pki: Pki | None) -> list[str]:
+        tls = []
+        if pki:
+            tls = [
+                f"--server-cert-file={pki.server_cert}",
+                f"--server-key-file={pki.server_key}",
+                f"--trusted-ca-file={pki.ca}",
+            ]
         return [
             sys.executable,
             "-m",
@@ -123,6 +139,7 @@ class PykineSpec(ServerSpec):
             f"--listen-address={address}",
             f"--endpoint={self.endpoint.format(workdir=workdir)}",
             *self.args,
+            *tls,
         ]
 
     def env(self) -> dict[str, str]:
@@ -258,11 +275,40 @@ class RssSampler(threading.Thread):
 OP_PHASES = ("create", "get", "update", "list_page", "count", "watch_write", "delete")
 
 
-def status_ok(address: str) -> bool:
+@dataclass(frozen=True)
+class Pki:
+    """Certificates for --tls: both servers require a client certificate (etcd's --client-cert-auth)."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+    @classmethod
+    def make(cls, directory: Path) -> Pki:
+        import certs  # tests/certs.py: the suite's own certificate maker
+
+        authority = certs.Authority(str(directory), "bench")
+        server = authority.issue("server", "bench-server", server=True)
+        client = authority.issue("client", "bench-client", server=False)
+        return cls(authority.cert, server.cert, server.key, client.cert, client.key)
+
+    def channel(self, address: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            Path(self.ca).read_bytes(), Path(self.client_key).read_bytes(), Path(self.client_cert).read_bytes()
+        )
+        return grpc.secure_channel(address, credentials)
+
+    def loadgen_args(self) -> list[str]:
+        return [f"-cacert={self.ca}", f"-cert={self.client_cert}", f"-key={self.client_key}"]
+
+
+def status_ok(address: str, pki: Pki | None) -> bool:
     """One Maintenance.Status call on a fresh channel (so no reconnect backoff delays the answer)."""
     from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with pki.channel(address) if pki else grpc.insecure_channel(address) as channel:
         try:
             rpc_pb2_grpc.MaintenanceStub(channel).Status(rpc_pb2.StatusRequest(), timeout=1)
             return True
@@ -295,12 +341,12 @@ class Running:
             return ""
 
 
-def start(spec: ServerSpec, workdir: Path) -> Running:
+def start(spec: ServerSpec, workdir: Path, pki: Pki | None) -> Running:
     """Spawn the server and wait until Status answers; start_seconds is spawn to first answer."""
     spec.setup(workdir)
     address = f"127.0.0.1:{free_port()}"
     log_path = workdir / f"{spec.name}.log"
-    command = spec.command(workdir, address)
+    command = spec.command(workdir, address, pki)
     with open(log_path, "ab") as log:
         began = time.perf_counter()
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=spec.env())
@@ -309,7 +355,7 @@ def start(spec: ServerSpec, workdir: Path) -> Running:
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"{spec.name} exited with {process.returncode} while starting:\n{running.log_tail()}")
-        if port_open(address) and status_ok(address):
+        if port_open(address) and status_ok(address, pki):
             running.start_seconds = time.perf_counter() - began
             return running
         if time.perf_counter() > deadline:
@@ -352,9 +398,11 @@ class Options:
     phase_seconds: float
     hot_keys: int
     phases: list[str]
+    pki: Pki | None = None
 
     def loadgen_args(self) -> list[str]:
         return [
+            *(self.pki.loadgen_args() if self.pki else []),
             f"-objects={self.objects}",
             f"-clients={self.clients}",
             f"-conns={self.conns}",
@@ -402,7 +450,7 @@ def measure(spec: ServerSpec, loadgen: Path, options: Options) -> Measurement:
     running: Running | None = None
     try:
         print(f"bench: starting {spec.name}", file=sys.stderr, flush=True)
-        running = start(spec, workdir)
+        running = start(spec, workdir, options.pki)
         result.start_seconds = running.start_seconds
         pid = running.process.pid
         cpu_before = proc_cpu_seconds(pid) or 0.0
@@ -571,6 +619,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="etcd,pykine,pykine-pg,pykine-mysql",
         help=f"comma-separated, in order; the first is the baseline (known: {', '.join(names)})",
     )
+    parser.add_argument("--tls", action="store_true", help="every server on TLS requiring client certificates (mTLS)")
     parser.add_argument("--out", type=Path, help="results file (default: bench/results/<YYYY-MM-DD>.json)")
     args = parser.parse_args(argv)
     for name in args.servers.split(","):
@@ -598,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hot_keys=args.hot_keys,
         phases=args.phases.split(","),
     )
+    if args.tls:
+        options.pki = Pki.make(Path(tempfile.mkdtemp(prefix="pykine-bench-pki-")))
     specs = {spec.name: spec for spec in SERVERS}
     selected = [specs[name] for name in args.servers.split(",")]
     today = datetime.date.today().isoformat()
@@ -612,7 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": today,
         "started": started.isoformat(timespec="seconds"),
         "machine": {**host, "load_average_at_end": os.getloadavg()},
-        "options": {**options.__dict__, "servers": [spec.name for spec in selected]},
+        "options": {
+            **{name: value for name, value in options.__dict__.items() if name != "pki"},
+            "tls": options.pki is not None,
+            "servers": [spec.name for spec in selected],
+        },
         "baseline": selected[0].name,
         "servers": {result.server: result.__dict__ for result in results},
         "table": report.splitlines(),

@@ -22,10 +22,13 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io/ioutil"
 	"math/rand"
 	"os"
 	"runtime"
@@ -58,6 +61,9 @@ var (
 	hotKeys      = flag.Int("hot-keys", 0, "keys the update phase's clients share (0: as many as -clients)")
 	phasesFlag   = flag.String("phases", "create,get,update,list,count,watch,delete", "phases to run, in this order")
 	outPath      = flag.String("out", "", "write the JSON result here (default: stdout)")
+	caFile       = flag.String("cacert", "", "TLS: CA to verify the server with (TLS is off without it)")
+	certFile     = flag.String("cert", "", "TLS: client certificate")
+	keyFile      = flag.String("key", "", "TLS: client key")
 )
 
 // Result is one row of the output: one phase (or one view of a phase) on one endpoint.
@@ -653,17 +659,46 @@ func main() {
 	}
 }
 
+// clientTLS is nil (plaintext) without -cacert.
+func clientTLS() (*tls.Config, error) {
+	if *caFile == "" {
+		return nil, nil
+	}
+	pem, err := ioutil.ReadFile(*caFile)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("no certificate in %s", *caFile)
+	}
+	config := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	if *certFile != "" {
+		pair, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return config, nil
+}
+
 func run() error {
 	cpu0, t0 := cpuTime(), time.Now()
 	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(context.Background()))
 	defer cancel()
 	b := &bench{ctx: ctx, value: strings.Repeat("x", *valueSize)}
+	tlsConfig, err := clientTLS()
+	if err != nil {
+		return err
+	}
 	for i := 0; i < *conns; i++ {
 		cli, err := clientv3.New(clientv3.Config{
 			Endpoints:            []string{*endpoint},
 			DialTimeout:          20 * time.Second,
 			DialKeepAliveTime:    30 * time.Second,
 			DialKeepAliveTimeout: 10 * time.Second,
+			TLS:                  tlsConfig,
 		})
 		if err != nil {
 			return fmt.Errorf("connect to %s: %w", *endpoint, err)
@@ -674,7 +709,7 @@ func run() error {
 
 	// Start from an empty prefix.
 	dctx, dcancel := b.opCtx()
-	_, err := b.clis[0].Delete(dctx, prefix, clientv3.WithPrefix())
+	_, err = b.clis[0].Delete(dctx, prefix, clientv3.WithPrefix())
 	dcancel()
 	if err != nil {
 		return fmt.Errorf("clearing %s: %w", prefix, err)
