@@ -115,3 +115,58 @@ def test_watchers_on_both_processes_see_every_commit_in_order(two: tuple[PykineS
     finally:
         for watch in watches:
             watch.close()
+
+
+ROUNDS = 25
+
+
+def test_a_watch_starts_after_every_write_acknowledged_on_another_process(
+    two: tuple[PykineServer, PykineServer],
+) -> None:
+    """Read-your-writes for watchers (etcd's ReadIndex): a watch created with no start revision on
+    one process right after a write through the other starts after that write, says so in its
+    created header, and never delivers it as an event."""
+    first, second = two
+    kv = first.stub("KV")
+    for n in range(ROUNDS):
+        key = b"ryw/%d" % n
+        written = kv.Put(pb.PutRequest(key=key, value=b"before"), timeout=10).header.revision
+        watch = WatchSession(second)
+        try:
+            watch.create(key=key)
+            created = watch.next()
+            assert created.created and created.header.revision >= written, (n, written, created)
+            after = kv.Put(pb.PutRequest(key=key, value=b"after"), timeout=10).header.revision
+            response = watch.next(timeout=15)
+            assert [(e.kv.mod_revision, e.kv.value) for e in response.events] == [(after, b"after")], (n, response)
+        finally:
+            watch.close()
+
+
+def test_a_compacted_start_revision_is_refused_on_every_process(two: tuple[PykineServer, PykineServer]) -> None:
+    """Once a compaction through one process is acknowledged, a watch on the other process from
+    before it is canceled with the compact revision, not served from that process's memory."""
+    first, second = two
+    kv = first.stub("KV")
+    heard = WatchSession(second)  # so that the second process has heard of the writes, in its memory
+    heard.create(key=b"cmp/", range_end=b"cmp0")
+    assert heard.next().created
+    for n in range(ROUNDS):
+        key = b"cmp/%d" % n
+        old = kv.Put(pb.PutRequest(key=key, value=b"1"), timeout=10).header.revision
+        compact_at = kv.Put(pb.PutRequest(key=key, value=b"2"), timeout=10).header.revision
+        events_until(heard, compact_at)
+        kv.Compact(pb.CompactionRequest(revision=compact_at), timeout=10)
+        watch = WatchSession(second)
+        try:
+            watch.create(key=key, start_revision=old)
+            responses = [watch.next()]
+            if not responses[0].canceled:
+                responses.append(watch.next())
+            assert responses[0].created, (n, responses)
+            canceled = responses[-1]
+            assert canceled.canceled and canceled.compact_revision == compact_at, (n, old, compact_at, responses)
+            assert not any(r.events for r in responses), (n, responses)
+        finally:
+            watch.close()
+    heard.close()

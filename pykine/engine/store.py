@@ -161,7 +161,25 @@ class Engine:
 
     def watch_stream(self) -> WatchStream:
         """The watches of one client stream, fed by this engine's commits."""
-        return WatchStream(self.hub, self.backend, self._progress_interval)
+        return WatchStream(self.hub, self.backend, self._progress_interval, self.read_index)
+
+    async def read_index(self) -> None:
+        """Bring the hub up to everything committed before now, by any process (etcd's ReadIndex).
+
+        A watch created after a write was acknowledged elsewhere must start
+        after that write, and one from before a compaction acknowledged
+        elsewhere must be refused: neither can wait for the feed to hear of it.
+        """
+        try:
+            revision, compact = await self.backend.revisions()
+        except Exception as exc:
+            # The datastore is failing: serve from what this process has heard (writes fail meanwhile).
+            log.debug("read index unavailable, watching from the hub's head: %s", exc)
+            return
+        self.hub.compact_revision = max(self.hub.compact_revision, compact)
+        if revision > self.hub.head:
+            async with self._hub_lock:
+                await self._catch_up_hub(revision)
 
     # -- writes -------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,9 +149,16 @@ class _Watcher:
 class WatchStream:
     """The watches of one gRPC Watch stream, served in request order."""
 
-    def __init__(self, hub: WatchHub, backend: Backend, progress_interval: float) -> None:
+    def __init__(
+        self,
+        hub: WatchHub,
+        backend: Backend,
+        progress_interval: float,
+        read_index: Callable[[], Awaitable[None]],
+    ) -> None:
         self._hub = hub
         self._backend = backend
+        self._read_index = read_index
         self._progress_interval = progress_interval
         self._watchers: dict[int, _Watcher] = {}
         self._inbox: deque[Any] = deque()
@@ -180,7 +187,10 @@ class WatchStream:
         while True:
             self._wake.clear()
             while self._inbox:
-                for reply in self._handle(self._inbox.popleft()):
+                request = self._inbox.popleft()
+                if request.WhichOneof("request_union") == "create_request":
+                    await self._read_index()
+                for reply in self._handle(request):
                     yield reply
             for watcher in list(self._watchers.values()):
                 async for reply in self._deliver(watcher):
