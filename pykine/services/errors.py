@@ -45,6 +45,17 @@ ERR_LEASE_NOT_FOUND = EtcdError(Code.NOT_FOUND, "etcdserver: requested lease not
 ERR_LEASE_EXISTS = EtcdError(Code.FAILED_PRECONDITION, "etcdserver: lease already exists")
 ERR_LEASE_TTL_TOO_LARGE = EtcdError(Code.OUT_OF_RANGE, "etcdserver: too large lease TTL")
 
+ERR_MEMBER_BAD_URLS = EtcdError(Code.INVALID_ARGUMENT, "etcdserver: given member URLs are invalid")
+ERR_MEMBER_NOT_FOUND = EtcdError(Code.NOT_FOUND, "etcdserver: member not found")
+ERR_MEMBER_NOT_LEARNER = EtcdError(Code.FAILED_PRECONDITION, "etcdserver: can only promote a learner member")
+ERR_BAD_LEADER_TRANSFEREE = EtcdError(Code.FAILED_PRECONDITION, "etcdserver: bad leader transferee")
+# pykine's own, in etcd's form: its members are the instances serving one datastore, not raft peers.
+ERR_MEMBERS_ARE_INSTANCES = EtcdError(
+    Code.FAILED_PRECONDITION,
+    "etcdserver: pykine members are the instances serving one datastore:"
+    " start or stop an instance instead of reconfiguring members",
+)
+
 ENGINE_ERRORS: dict[type[EngineError], EtcdError] = {
     CompactedError: ERR_COMPACTED,
     FutureRevisionError: ERR_FUTURE_REV,

@@ -1,10 +1,20 @@
-"""etcdserverpb.Maintenance and etcdserverpb.Cluster: the instances sharing a datastore as members, no alarms."""
+"""etcdserverpb.Maintenance and etcdserverpb.Cluster: the instances sharing a datastore as members."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
 from pykine.engine.store import Engine
 from pykine.services.encode import Identity
-from pykine.services.errors import etcd_errors
+from pykine.services.errors import (
+    ERR_BAD_LEADER_TRANSFEREE,
+    ERR_MEMBER_BAD_URLS,
+    ERR_MEMBER_NOT_FOUND,
+    ERR_MEMBER_NOT_LEARNER,
+    ERR_MEMBERS_ARE_INSTANCES,
+    etcd_errors,
+)
 from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
 
@@ -39,6 +49,14 @@ class MaintenanceService:
         return rpc_pb2.AlarmResponse()
 
     @etcd_errors
+    async def MoveLeader(self, request: rpc_pb2.MoveLeaderRequest, call: Call) -> rpc_pb2.MoveLeaderResponse:
+        """Every instance already serves writes: moving to any member is done at once, as etcd does
+        for its own leader; a target that is not a member is refused as etcd refuses it."""
+        if request.targetID not in {member.id for member in await self.engine.members()}:
+            raise ERR_BAD_LEADER_TRANSFEREE
+        return rpc_pb2.MoveLeaderResponse()
+
+    @etcd_errors
     async def Defragment(self, request: rpc_pb2.DefragmentRequest, call: Call) -> rpc_pb2.DefragmentResponse:
         """VACUUM the SQLite file; like etcd 3.4, the answer carries no header."""
         await self.engine.defragment()
@@ -61,3 +79,43 @@ class ClusterService:
             for member in await self.engine.members()
         ]
         return rpc_pb2.MemberListResponse(header=self.identity.header(0), members=members)
+
+    # Membership changes: the checks etcd makes first, then pykine's reason it makes no change.
+
+    @etcd_errors
+    async def MemberAdd(self, request: rpc_pb2.MemberAddRequest, call: Call) -> rpc_pb2.MemberAddResponse:
+        if not valid_urls(request.peerURLs):
+            raise ERR_MEMBER_BAD_URLS
+        raise ERR_MEMBERS_ARE_INSTANCES
+
+    @etcd_errors
+    async def MemberRemove(self, request: rpc_pb2.MemberRemoveRequest, call: Call) -> rpc_pb2.MemberRemoveResponse:
+        await self._member(request.ID)
+        raise ERR_MEMBERS_ARE_INSTANCES
+
+    @etcd_errors
+    async def MemberUpdate(self, request: rpc_pb2.MemberUpdateRequest, call: Call) -> rpc_pb2.MemberUpdateResponse:
+        await self._member(request.ID)
+        raise ERR_MEMBERS_ARE_INSTANCES
+
+    @etcd_errors
+    async def MemberPromote(self, request: rpc_pb2.MemberPromoteRequest, call: Call) -> rpc_pb2.MemberPromoteResponse:
+        """No pykine member is a learner, so every member gets etcd's answer for a voting member."""
+        await self._member(request.ID)
+        raise ERR_MEMBER_NOT_LEARNER
+
+    async def _member(self, member_id: int) -> None:
+        if member_id not in {member.id for member in await self.engine.members()}:
+            raise ERR_MEMBER_NOT_FOUND
+
+
+def valid_urls(urls: Sequence[str]) -> bool:
+    """etcd's test for member URLs: at least one, each scheme://host:port with no path."""
+    if not urls:
+        return False
+    for url in urls:
+        parts = urlsplit(url)
+        # Go's net.SplitHostPort, which etcd applies, wants a port separator and nothing more.
+        if parts.scheme not in ("http", "https", "unix", "unixs") or parts.path or ":" not in parts.netloc:
+            return False
+    return True
