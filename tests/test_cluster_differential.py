@@ -9,9 +9,13 @@ FAILED_PRECONDITION that says why pykine does not.
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
+import databases
 import grpc
 import pytest
-from harness import Outcome, Pair, call, pb
+from harness import Outcome, Pair, PykineServer, call, pb
 
 MEMBERS_ARE_INSTANCES = (
     "etcdserver: pykine members are the instances serving one datastore:"
@@ -84,3 +88,81 @@ def test_changing_a_member_is_refused_with_a_reason(servers: Pair, method: str) 
     assert (got.code, got.details) == (grpc.StatusCode.FAILED_PRECONDITION, MEMBERS_ARE_INSTANCES)
     members = call(servers.pykine, "Cluster", "MemberList", pb.MemberListRequest()).response.members
     assert [member.ID for member in members] == [me]
+
+
+# -- Hash and HashKV ----------------------------------------------------------------------
+
+
+def test_hash_kv_errors_and_compact_revision_as_etcd(servers: Pair) -> None:
+    for n in range(4):
+        servers.kv("Put", pb.PutRequest(key=b"h/%d" % n, value=b"v"))
+    current = servers.kv("Range", pb.RangeRequest(key=b"h/0")).header.revision
+    servers.same("Maintenance", "HashKV", pb.HashKVRequest(revision=current + 100))
+    etcd, pykine = servers.both("Maintenance", "HashKV", pb.HashKVRequest())
+    assert pykine.response.compact_revision == etcd.response.compact_revision
+    servers.kv("Compact", pb.CompactionRequest(revision=current - 1))
+    servers.same("Maintenance", "HashKV", pb.HashKVRequest(revision=current - 2))
+    servers.same("Maintenance", "HashKV", pb.HashKVRequest(revision=current - 1))
+    etcd, pykine = servers.both("Maintenance", "HashKV", pb.HashKVRequest(revision=current))
+    assert etcd.ok and pykine.ok, (etcd, pykine)
+    assert pykine.response.compact_revision == etcd.response.compact_revision == current - 1
+    assert pykine.response.header.revision == etcd.response.header.revision == current
+    etcd, pykine = servers.both("Maintenance", "Hash", pb.HashRequest())
+    assert pykine.response.header.revision == etcd.response.header.revision == current
+
+
+def hash_kv(server: PykineServer, revision: int = 0) -> int:
+    return call(server, "Maintenance", "HashKV", pb.HashKVRequest(revision=revision)).response.hash
+
+
+def hashes(server: PykineServer) -> tuple[int, int]:
+    """(HashKV, Hash) now."""
+    return hash_kv(server), call(server, "Maintenance", "Hash", pb.HashRequest()).response.hash
+
+
+def write_history(server: PykineServer) -> int:
+    """The same writes, deletes, leases and txns in the same order: the same revisions anywhere."""
+    kv = server.stub("KV")
+    lease = server.stub("Lease").LeaseGrant(pb.LeaseGrantRequest(ID=4242, TTL=600), timeout=10).ID
+    for n in range(30):
+        kv.Put(pb.PutRequest(key=b"hist/%d" % (n % 7), value=b"value %d" % n, lease=lease if n % 3 else 0), timeout=10)
+    kv.DeleteRange(pb.DeleteRangeRequest(key=b"hist/1", range_end=b"hist/3"), timeout=10)
+    ops = [pb.RequestOp(request_put=pb.PutRequest(key=b"hist/t%d" % n, value=b"\x00\xff" * n)) for n in range(3)]
+    return kv.Txn(pb.TxnRequest(success=ops), timeout=10).header.revision
+
+
+def test_hashes_are_the_same_on_every_backend_and_every_instance(tmp_path: Path) -> None:
+    """Same history, same hashes: SQLite, PostgreSQL and MariaDB, and two instances of one datastore."""
+    endpoints = {
+        "sqlite": f"sqlite://{tmp_path / 'state.db'}",
+        "postgres": databases.database_endpoint("postgres", f"pykine_hash_{secrets.token_hex(4)}"),
+        "mysql": databases.database_endpoint("mysql", f"pykine_hash_{secrets.token_hex(4)}"),
+    }
+    seen: dict[str, tuple[object, ...]] = {}
+    for name, endpoint in endpoints.items():
+        workdir = tmp_path / name
+        workdir.mkdir()
+        first = PykineServer(str(workdir), endpoint=endpoint)
+        second = PykineServer(str(workdir), endpoint=endpoint)
+        first.start()
+        try:
+            last = write_history(first)
+            middle = hash_kv(first, last - 5)
+            whole = hashes(first)
+            second.start()
+            assert hashes(second) == whole, name  # another instance on the same datastore
+            assert hash_kv(second, last - 5) == middle, name
+            first.stub("KV").Put(pb.PutRequest(key=b"hist/0", value=b"changed"), timeout=10)
+            changed = hashes(first)
+            assert changed[0] != whole[0] and changed[1] != whole[1], name
+            assert hash_kv(first, last) == whole[0], name  # an old revision's hash does not move
+            assert hash_kv(first, last - 5) == middle, name
+            first.stub("KV").Compact(pb.CompactionRequest(revision=last - 5, physical=True), timeout=30)
+            after_compaction = hash_kv(second, last)
+            assert after_compaction != whole[0]  # the window now starts at the compaction
+            assert hash_kv(first, last) == after_compaction  # however far physical compaction has gone
+            seen[name] = (middle, whole, changed, after_compaction)
+        finally:
+            second.stop()
+            first.stop()
+    assert seen["postgres"] == seen["sqlite"] and seen["mysql"] == seen["sqlite"], seen

@@ -17,6 +17,7 @@ from typing import Any
 
 from pykine import metrics
 from pykine.backends.base import Backend, StorageStatus
+from pykine.engine import hashing
 from pykine.engine.errors import (
     CompactedError,
     EngineError,
@@ -32,6 +33,7 @@ from pykine.engine.evaluate import (
     is_write,
     range_query,
 )
+from pykine.engine.hashing import HashResult
 from pykine.engine.records import Change, KeySpan, KnownRows, MemberRow, ReadSet, Snapshot, WriteSet
 from pykine.engine.results import (
     CompactResult,
@@ -451,6 +453,12 @@ class Engine:
         except Exception as exc:
             raise UnavailableError(str(exc)) from exc
         return revision
+
+    async def hash_kv(self, revision: int) -> HashResult:
+        return await hashing.hash_kv(self.backend, revision)
+
+    async def hash_state(self) -> HashResult:
+        return await hashing.hash_state(self.backend)
 
     async def status(self) -> StorageStatus:
         return await self.backend.status()

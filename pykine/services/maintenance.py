@@ -49,6 +49,22 @@ class MaintenanceService:
         return rpc_pb2.AlarmResponse()
 
     @etcd_errors
+    async def Hash(self, request: rpc_pb2.HashRequest, call: Call) -> rpc_pb2.HashResponse:
+        """A digest of the live keys (engine/hashing.py); not etcd's bbolt-page hash."""
+        result = await self.engine.hash_state()
+        return rpc_pb2.HashResponse(header=self.identity.header(result.current_revision), hash=result.hash)
+
+    @etcd_errors
+    async def HashKV(self, request: rpc_pb2.HashKVRequest, call: Call) -> rpc_pb2.HashKVResponse:
+        """A digest of every key revision up to `revision` above the compact revision (engine/hashing.py)."""
+        result = await self.engine.hash_kv(request.revision)
+        return rpc_pb2.HashKVResponse(
+            header=self.identity.header(result.current_revision),
+            hash=result.hash,
+            compact_revision=result.compact_revision,
+        )
+
+    @etcd_errors
     async def MoveLeader(self, request: rpc_pb2.MoveLeaderRequest, call: Call) -> rpc_pb2.MoveLeaderResponse:
         """Every instance already serves writes: moving to any member is done at once, as etcd does
         for its own leader; a target that is not a member is refused as etcd refuses it."""
