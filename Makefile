@@ -16,7 +16,8 @@ test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql
 
 SERVER_SUITES := tests/test_kv_differential.py tests/test_property.py tests/test_etcdctl.py \
 	tests/test_watch_differential.py tests/test_watch_stress.py tests/test_go_client.py tests/test_lease.py \
-	tests/test_crash.py tests/test_concurrency.py tests/test_shared_datastore.py tests/test_bad_input.py
+	tests/test_crash.py tests/test_concurrency.py tests/test_shared_datastore.py tests/test_bad_input.py \
+	tests/test_quota.py
 test-sqlite: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 test-postgres: system-deps $(STAMP)

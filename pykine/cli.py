@@ -55,6 +55,8 @@ class Settings:
     metrics_bind_address: str
     watch_progress_notify_interval: float
     workers: int
+    # etcd's --quota-backend-bytes: 0 is etcd's default (2 GiB), negative is no quota.
+    quota_backend_bytes: int
     # TLS, pool and polling settings for a database-server datastore.
     connection: ConnectionOptions
     # Set by the supervisor for its workers: they share one port on purpose.
@@ -109,6 +111,10 @@ def _positive_int(text: str) -> int:
 
 def _integer(text: str) -> int:
     return _whole_number(text, -(2**31))
+
+
+def _integer64(text: str) -> int:
+    return _whole_number(text, -(2**63))
 
 
 def _duration_or_zero(text: str) -> float:
@@ -166,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration,
         default=_env("watch-progress-notify-interval") or "5s",
         help="how often watches that asked for progress notifications get one (default 5s)",
+    )
+    parser.add_argument(
+        "--quota-backend-bytes",
+        type=_integer64,
+        default=_env("quota-backend-bytes") or "0",
+        help="raise the NOSPACE alarm when the datastore grows past this many bytes"
+        " (etcd's flag: 0 means 2 GiB, negative means no quota)",
     )
     parser.add_argument(
         "--workers",
@@ -245,6 +258,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         metrics_bind_address=args.metrics_bind_address,
         watch_progress_notify_interval=args.watch_progress_notify_interval,
         workers=args.workers,
+        quota_backend_bytes=args.quota_backend_bytes,
         connection=ConnectionOptions(
             ca_file=args.ca_file,
             cert_file=args.cert_file,

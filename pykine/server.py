@@ -120,6 +120,7 @@ async def serve(settings: Settings) -> None:
         backend,
         compact_batch_size=settings.compact_batch_size,
         progress_interval=settings.watch_progress_notify_interval,
+        quota_bytes=settings.quota_backend_bytes,
     )
     await engine.start()
 

@@ -10,12 +10,14 @@ FAILED_PRECONDITION that says why pykine does not.
 from __future__ import annotations
 
 import secrets
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import databases
 import grpc
 import pytest
-from harness import Outcome, Pair, PykineServer, call, pb
+from harness import Outcome, Pair, PykineServer, call, normalise, pb
 
 MEMBERS_ARE_INSTANCES = (
     "etcdserver: pykine members are the instances serving one datastore:"
@@ -166,3 +168,92 @@ def test_hashes_are_the_same_on_every_backend_and_every_instance(tmp_path: Path)
             second.stop()
             first.stop()
     assert seen["postgres"] == seen["sqlite"] and seen["mysql"] == seen["sqlite"], seen
+
+
+# -- alarms ---------------------------------------------------------------------------------
+
+
+def alarm(action: int, member: int = 0, kind: int = 0) -> pb.AlarmRequest:
+    return pb.AlarmRequest(action=action, memberID=member, alarm=kind)
+
+
+def same_with_own_ids(servers: Pair, service: str, method: str, make: object) -> Outcome:
+    """Each server gets the request made with its own member id; answers compare with ids blanked."""
+    ids = {which: own_id(servers, which) for which in ("etcd", "pykine")}
+    want = call(servers.etcd, service, method, make(ids["etcd"]))  # type: ignore[operator]
+    got = call(servers.pykine, service, method, make(ids["pykine"]))  # type: ignore[operator]
+    assert (got.code, got.details) == (want.code, want.details), (want, got)
+    if want.ok:
+        for outcome, which in ((want, "etcd"), (got, "pykine")):
+            for member in getattr(outcome.response, "alarms", []):
+                if member.memberID == ids[which]:
+                    member.memberID = 1
+        assert normalise(got.response) == normalise(want.response), (want, got)
+    return got
+
+
+def http_health(server: PykineServer) -> tuple[int, bytes, str | None]:
+    try:
+        with urllib.request.urlopen(f"http://{server.address}/health", timeout=10) as answer:
+            return answer.status, answer.read(), answer.headers.get("X-Content-Type-Options")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers.get("X-Content-Type-Options")
+
+
+def test_alarms_as_etcd(servers: Pair) -> None:
+    GET, ACTIVATE, DEACTIVATE = pb.AlarmRequest.GET, pb.AlarmRequest.ACTIVATE, pb.AlarmRequest.DEACTIVATE
+    put = pb.PutRequest(key=b"alarm/k", value=b"v")
+    nested_put = pb.TxnRequest(
+        success=[pb.RequestOp(request_txn=pb.TxnRequest(success=[pb.RequestOp(request_put=put)]))]
+    )
+    try:
+        servers.same("Maintenance", "Alarm", alarm(GET))
+        same_with_own_ids(servers, "Maintenance", "Alarm", lambda me: alarm(ACTIVATE, me, pb.NOSPACE))
+        same_with_own_ids(servers, "Maintenance", "Alarm", lambda me: alarm(ACTIVATE, me, pb.NOSPACE))
+        same_with_own_ids(servers, "Maintenance", "Alarm", lambda me: alarm(GET))
+        assert http_health(servers.pykine) == http_health(servers.etcd) == (503, b'{"health":"false"}\n', "nosniff")
+        # Under NOSPACE: what costs space is refused, the rest goes on.
+        servers.same("KV", "Put", put)
+        servers.same("KV", "Txn", pb.TxnRequest(failure=[pb.RequestOp(request_put=put)]))
+        servers.same("KV", "Txn", nested_put)
+        servers.same("KV", "DeleteRange", pb.DeleteRangeRequest(key=b"alarm/k"))
+        servers.same("Lease", "LeaseGrant", pb.LeaseGrantRequest(TTL=60))
+        servers.same("Lease", "LeaseRevoke", pb.LeaseRevokeRequest(ID=5))
+        revision = servers.kv("Range", pb.RangeRequest(key=b"alarm/k")).header.revision
+        servers.same("KV", "Compact", pb.CompactionRequest(revision=revision))
+        same_with_own_ids(servers, "Maintenance", "Alarm", lambda me: alarm(DEACTIVATE, me, pb.NOSPACE))
+        same_with_own_ids(servers, "Maintenance", "Alarm", lambda me: alarm(DEACTIVATE, me, pb.NOSPACE))
+
+        # Under CORRUPT: every write, compaction and lease change is refused; reads go on.
+        same_with_own_ids(servers, "Maintenance", "Alarm", lambda me: alarm(ACTIVATE, me, pb.CORRUPT))
+        servers.same("KV", "Put", put)
+        servers.same("KV", "DeleteRange", pb.DeleteRangeRequest(key=b"alarm/k"))
+        servers.same("KV", "Txn", nested_put)
+        servers.same("KV", "Txn", pb.TxnRequest())
+        servers.same("KV", "Range", pb.RangeRequest(key=b"alarm/k"))
+        servers.same("KV", "Compact", pb.CompactionRequest(revision=revision))
+        servers.same("Lease", "LeaseGrant", pb.LeaseGrantRequest(TTL=60))
+        servers.same("Lease", "LeaseRevoke", pb.LeaseRevokeRequest(ID=5))
+        same_with_own_ids(servers, "Maintenance", "Alarm", lambda me: alarm(DEACTIVATE, me, pb.CORRUPT))
+        servers.same("KV", "Put", put)
+
+        # Any member id, NONE stored like a type, GET filtered by type.
+        servers.same("Maintenance", "Alarm", alarm(ACTIVATE, 777, pb.NOSPACE))
+        servers.same("Maintenance", "Alarm", alarm(ACTIVATE, 778, pb.CORRUPT))
+        servers.same("Maintenance", "Alarm", alarm(GET, 0, pb.CORRUPT))
+        servers.same("Maintenance", "Alarm", alarm(ACTIVATE, 779, pb.NONE))
+        servers.same("Maintenance", "Alarm", alarm(DEACTIVATE, 780, pb.NOSPACE))
+        for member, kind in ((777, pb.NOSPACE), (778, pb.CORRUPT), (779, pb.NONE)):
+            servers.same("Maintenance", "Alarm", alarm(DEACTIVATE, member, kind))
+        servers.same("Maintenance", "Alarm", alarm(GET))
+        assert http_health(servers.pykine) == http_health(servers.etcd) == (200, b'{"health":"true"}', None)
+    finally:
+        for server in (servers.etcd, servers.pykine):
+            for raised in call(server, "Maintenance", "Alarm", alarm(GET)).response.alarms:
+                call(server, "Maintenance", "Alarm", alarm(DEACTIVATE, raised.memberID, raised.alarm))
+
+
+def test_unknown_alarm_action_is_refused(servers: Pair) -> None:
+    """etcd 3.4 crashes on this request; pykine answers it."""
+    got = call(servers.pykine, "Maintenance", "Alarm", pb.AlarmRequest(action=7))
+    assert (got.code, got.details) == (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: unknown alarm action")

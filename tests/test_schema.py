@@ -1,8 +1,9 @@
 """The stored schema version on every backend: creation, upgrade, refusal, and instances starting together.
 
-Schema 1 (what pykine wrote before the member registry) is schema 2 without
-the `member` table, so a version-1 datastore is made by removing that table
-and writing version 1; starting pykine on it must upgrade it in place.
+Schema 1 (what pykine wrote before the member registry) is schema 3 without
+the `member` and `alarm` tables, and schema 2 is schema 3 without `alarm`, so
+an older datastore is made by removing those tables and writing its version;
+starting pykine on it must upgrade it in place.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import pytest
 from harness import ROOT, PykineServer, call, pb
 
 BACKENDS = ("sqlite", "postgres", "mysql")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# The tables each older version lacks.
+MISSING = {1: ["member", "alarm"], 2: ["alarm"]}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -42,15 +45,17 @@ def start(endpoint: str) -> PykineServer:
     return server
 
 
-def test_a_version_1_datastore_is_upgraded_in_place(endpoint: str) -> None:
+@pytest.mark.parametrize("old_version", sorted(MISSING))
+def test_an_older_datastore_is_upgraded_in_place(endpoint: str, old_version: int) -> None:
     server = start(endpoint)
     try:
         assert call(server, "KV", "Put", pb.PutRequest(key=b"kept", value=b"v1 data")).ok
     finally:
         server.stop()
     assert stored_version(endpoint) == SCHEMA_VERSION
-    databases.run_sql(endpoint, "DROP TABLE member")
-    databases.run_sql(endpoint, "UPDATE meta SET value = 1 WHERE name = 'schema_version'")
+    for table in MISSING[old_version]:
+        databases.run_sql(endpoint, f"DROP TABLE {table}")
+    databases.run_sql(endpoint, f"UPDATE meta SET value = {old_version} WHERE name = 'schema_version'")
 
     server = start(endpoint)
     try:
@@ -58,6 +63,10 @@ def test_a_version_1_datastore_is_upgraded_in_place(endpoint: str) -> None:
         assert got.ok and [(kv.key, kv.value, kv.mod_revision) for kv in got.response.kvs] == [(b"kept", b"v1 data", 2)]
         members = call(server, "Cluster", "MemberList", pb.MemberListRequest())
         assert members.ok and [list(m.clientURLs) for m in members.response.members] == [[f"http://{server.address}"]]
+        raise_one = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=7, alarm=pb.NOSPACE)
+        assert call(server, "Maintenance", "Alarm", raise_one).ok
+        listed = call(server, "Maintenance", "Alarm", pb.AlarmRequest(action=pb.AlarmRequest.GET))
+        assert [(a.memberID, a.alarm) for a in listed.response.alarms] == [(7, pb.NOSPACE)]
     finally:
         server.stop()
     assert stored_version(endpoint) == SCHEMA_VERSION
@@ -75,7 +84,7 @@ def test_a_newer_schema_is_refused(endpoint: str) -> None:
         env=env,
     )
     assert done.returncode == 2, done
-    assert "schema version 99 is newer than this pykine supports (2)" in done.stderr, done.stderr
+    assert "schema version 99 is newer than this pykine supports (3)" in done.stderr, done.stderr
     assert stored_version(endpoint) == 99  # left as it was
 
 

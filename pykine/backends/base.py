@@ -157,6 +157,14 @@ class Backend(ABC):
         """Forget a member that stops serving."""
 
     @abstractmethod
+    async def alarms(self) -> list[tuple[int, int]]:
+        """The raised alarms as (member id, alarm type), by type then member."""
+
+    @abstractmethod
+    async def set_alarm(self, member_id: int, alarm: int, raised: bool) -> None:
+        """Raise or clear one member's alarm (idempotent)."""
+
+    @abstractmethod
     async def compact_step(self, target: int, max_revisions: int) -> int:
         """Delete history made obsolete by compaction, for at most `max_revisions`
         revisions, in one short transaction. Returns the revision done through."""

@@ -305,6 +305,14 @@ class RemoteSQLBackend(Backend):
         async with self._single() as session:
             return member_rows(await session.rows(self.SQL.members, (since,)))
 
+    async def alarms(self) -> list[tuple[int, int]]:
+        async with self._single() as session:
+            return [(int(row[0]), int(row[1])) for row in await session.rows(self.SQL.alarms)]
+
+    async def set_alarm(self, member_id: int, alarm: int, raised: bool) -> None:
+        async with self._single() as session:
+            await session.execute(self.SQL.insert_alarm if raised else self.SQL.delete_alarm, (member_id, alarm))
+
     async def leave(self, member_id: int) -> None:
         async with self._single() as session:
             await session.execute(self.SQL.delete_member, (member_id,))

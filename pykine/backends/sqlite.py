@@ -457,6 +457,13 @@ class SQLiteBackend(Backend):
             self._readers, lambda: member_rows(self._connection().execute(SQL.members, (since,)).fetchall())
         )
 
+    async def alarms(self) -> list[tuple[int, int]]:
+        return await self._on(self._readers, lambda: self._connection().execute(SQL.alarms).fetchall())
+
+    async def set_alarm(self, member_id: int, alarm: int, raised: bool) -> None:
+        statement = SQL.insert_alarm if raised else SQL.delete_alarm
+        await self._write(lambda: self._connection().execute(statement, (member_id, alarm)))
+
     async def leave(self, member_id: int) -> None:
         await self._write(lambda: self._connection().execute(SQL.delete_member, (member_id,)))
 

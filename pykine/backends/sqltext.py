@@ -31,7 +31,8 @@ from pykine.engine.records import (
 )
 
 # 1: meta, kv, kv_history, lease. 2: member (the instances serving the datastore, for MemberList).
-SCHEMA_VERSION = 2
+# 3: alarm (etcd's alarms, per member).
+SCHEMA_VERSION = 3
 
 # Keys or lease ids per IN (...) list.
 IN_CHUNK = 500
@@ -120,6 +121,8 @@ class Statements:
             "lease": f"id {i} PRIMARY KEY, ttl {i} NOT NULL, expires_at {d.real_type} NOT NULL",
             # Each serving instance and when it last said it was alive.
             "member": f"id {i} PRIMARY KEY, name {b} NOT NULL, client_url {b} NOT NULL, seen_at {d.real_type} NOT NULL",
+            # Raised alarms: one row per member and alarm type, as etcd's alarm store keeps them.
+            "alarm": f"member_id {i} NOT NULL, alarm {i} NOT NULL, PRIMARY KEY (member_id, alarm)",
         }
         statements = {}
         for table, columns in tables.items():
@@ -379,6 +382,21 @@ class Statements:
         return self.sql("DELETE FROM member WHERE id = ?")
 
     @cached_property
+    def alarms(self) -> str:
+        return self.sql("SELECT member_id, alarm FROM alarm ORDER BY alarm, member_id")
+
+    @cached_property
+    def insert_alarm(self) -> str:
+        """Raising a raised alarm changes nothing."""
+        if self.dialect.mysql:
+            return self.sql("INSERT IGNORE INTO alarm (member_id, alarm) VALUES (?, ?)")
+        return self.sql("INSERT INTO alarm (member_id, alarm) VALUES (?, ?) ON CONFLICT DO NOTHING")
+
+    @cached_property
+    def delete_alarm(self) -> str:
+        return self.sql("DELETE FROM alarm WHERE member_id = ? AND alarm = ?")
+
+    @cached_property
     def compact_superseded(self) -> str:
         """A row at revision r in (done, upto] supersedes every older row of its key."""
         older = (
@@ -397,7 +415,7 @@ class Statements:
 
 
 # The tables that bring a schema from version N (the key) to N + 1; each upgrade runs under the schema lock.
-MIGRATIONS: dict[int, list[str]] = {1: ["member"]}
+MIGRATIONS: dict[int, list[str]] = {1: ["member"], 2: ["alarm"]}
 
 
 def upgrade_statements(sql: Statements, stored: int) -> list[tuple[str, list[Any]]]:

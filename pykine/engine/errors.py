@@ -38,3 +38,11 @@ class LeaseExistsError(EngineError):
 
 class LeaseTTLTooLargeError(EngineError):
     """A grant asked for more than etcd's maximum TTL."""
+
+
+class NoSpaceError(EngineError):
+    """A write while the NOSPACE alarm is raised, or one that would pass the space quota."""
+
+
+class CorruptError(EngineError):
+    """A write while the CORRUPT alarm is raised."""

@@ -18,6 +18,7 @@ from typing import Any
 from pykine import metrics
 from pykine.backends.base import Backend, StorageStatus
 from pykine.engine import hashing
+from pykine.engine.alarms import LEASE_OVERHEAD, Alarms, put_cost, txn_cost
 from pykine.engine.errors import (
     CompactedError,
     EngineError,
@@ -75,8 +76,10 @@ class Engine:
         max_batch: int = 256,
         compact_batch_size: int = 1000,
         progress_interval: float = 5.0,
+        quota_bytes: int = 0,
     ) -> None:
         self.backend = backend
+        self.alarms = Alarms(backend, quota_bytes)
         self.hub = WatchHub()
         # Serialises advancing the hub between local commits and the feed.
         self._hub_lock = asyncio.Lock()
@@ -101,11 +104,13 @@ class Engine:
         await self._claim_duties()
         target, done = await self.backend.compaction_progress()
         self._compact_target, self._compacted_through = target, done
+        await self.alarms.refresh()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="pykine-writer"),
             asyncio.create_task(self._compact_loop(), name="pykine-compactor"),
             asyncio.create_task(self._expiry_loop(), name="pykine-lease-expiry"),
             asyncio.create_task(self._feed_loop(), name="pykine-watch-feed"),
+            asyncio.create_task(self.alarms.follow(), name="pykine-alarms"),
         ]
         if target > done:
             self._compact_wake.set()
@@ -147,6 +152,7 @@ class Engine:
 
     async def txn(self, request: Any) -> TxnResult:
         if is_write(request):
+            await self.alarms.check_space(txn_cost(request))
             result: TxnResult = await self._submit(request)
             return result
         reads = ReadSet()
@@ -186,14 +192,17 @@ class Engine:
     # -- writes -------------------------------------------------------------------
 
     async def put(self, request: Any) -> PutResult:
+        await self.alarms.check_space(put_cost(request))
         result: PutResult = await self._submit(request)
         return result
 
     async def delete_range(self, request: Any) -> DeleteResult:
+        self.alarms.check_corrupt()
         result: DeleteResult = await self._submit(request)
         return result
 
     async def compact(self, request: Any) -> CompactResult:
+        self.alarms.check_corrupt()
         result: CompactResult = await self._submit(request)
         if request.physical:
             await self._compacted(request.revision)
@@ -311,10 +320,12 @@ class Engine:
     # -- leases ---------------------------------------------------------------------
 
     async def lease_grant(self, request: Any) -> LeaseResult:
+        await self.alarms.check_space(LEASE_OVERHEAD)
         result: LeaseResult = await self._submit(request)
         return result
 
     async def lease_revoke(self, request: Any) -> LeaseResult:
+        self.alarms.check_corrupt()
         result: LeaseResult = await self._submit(request)
         return result
 
@@ -384,6 +395,7 @@ class Engine:
     async def join(self, member: MemberRow) -> None:
         """Serve as `member`: listed by MemberList on every instance while its heartbeats continue."""
         self._member = member
+        self.alarms.member_id = member.id
         await self._heartbeat()
 
     async def _heartbeat(self) -> None:
@@ -465,3 +477,4 @@ class Engine:
 
     async def defragment(self) -> None:
         await self.backend.defragment()
+        await self.alarms.refresh()

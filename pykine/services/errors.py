@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pykine.engine.errors import (
     CompactedError,
+    CorruptError,
     EngineError,
     FutureRevisionError,
     KeyNotFoundError,
@@ -19,6 +20,7 @@ from pykine.engine.errors import (
     LeaseExistsError,
     LeaseNotFoundError,
     LeaseTTLTooLargeError,
+    NoSpaceError,
     UnavailableError,
 )
 from pykine.transport.grpc import Call, RpcError
@@ -45,6 +47,10 @@ ERR_LEASE_NOT_FOUND = EtcdError(Code.NOT_FOUND, "etcdserver: requested lease not
 ERR_LEASE_EXISTS = EtcdError(Code.FAILED_PRECONDITION, "etcdserver: lease already exists")
 ERR_LEASE_TTL_TOO_LARGE = EtcdError(Code.OUT_OF_RANGE, "etcdserver: too large lease TTL")
 
+ERR_NO_SPACE = EtcdError(Code.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded")
+ERR_CORRUPT = EtcdError(Code.DATA_LOSS, "etcdserver: corrupt cluster")
+# etcd 3.4 crashes on an alarm action it does not know; pykine refuses it.
+ERR_UNKNOWN_ALARM_ACTION = EtcdError(Code.INVALID_ARGUMENT, "etcdserver: unknown alarm action")
 ERR_MEMBER_BAD_URLS = EtcdError(Code.INVALID_ARGUMENT, "etcdserver: given member URLs are invalid")
 ERR_MEMBER_NOT_FOUND = EtcdError(Code.NOT_FOUND, "etcdserver: member not found")
 ERR_MEMBER_NOT_LEARNER = EtcdError(Code.FAILED_PRECONDITION, "etcdserver: can only promote a learner member")
@@ -63,6 +69,8 @@ ENGINE_ERRORS: dict[type[EngineError], EtcdError] = {
     KeyNotFoundError: ERR_KEY_NOT_FOUND,
     LeaseExistsError: ERR_LEASE_EXISTS,
     LeaseTTLTooLargeError: ERR_LEASE_TTL_TOO_LARGE,
+    NoSpaceError: ERR_NO_SPACE,
+    CorruptError: ERR_CORRUPT,
 }
 
 

@@ -80,12 +80,24 @@ def add_http_routes(router: Router, engine: Engine, version: str) -> None:
     cluster_version = ".".join(version.split(".")[:2]) + ".0"
 
     async def health(request: HttpRequest) -> HttpResponse:
-        """etcd's answer, byte for byte (Go sniffs its content type as plain text)."""
+        """etcd's answer, byte for byte: unhealthy with a raised alarm or a failing datastore.
+
+        Go sniffs the content type of the healthy answer as plain text; the
+        unhealthy one is Go's http.Error, which adds a newline and nosniff.
+        """
         try:
             await asyncio.wait_for(engine.revision(), HEALTH_TIMEOUT)
+            healthy = not await asyncio.wait_for(engine.alarms.current(), HEALTH_TIMEOUT)
         except Exception:
-            return _json(503, {"health": "false"}, "text/plain; charset=utf-8")
-        return _json(200, {"health": "true"}, "text/plain; charset=utf-8")
+            healthy = False
+        if healthy:
+            return _json(200, {"health": "true"}, "text/plain; charset=utf-8")
+        return HttpResponse(
+            503,
+            b'{"health":"false"}\n',
+            content_type="text/plain; charset=utf-8",
+            headers=[("X-Content-Type-Options", "nosniff")],
+        )
 
     async def version_info(request: HttpRequest) -> HttpResponse:
         return _json(200, {"etcdserver": version, "etcdcluster": cluster_version})

@@ -13,6 +13,7 @@ from pykine.services.errors import (
     ERR_MEMBER_NOT_FOUND,
     ERR_MEMBER_NOT_LEARNER,
     ERR_MEMBERS_ARE_INSTANCES,
+    ERR_UNKNOWN_ALARM_ACTION,
     etcd_errors,
 )
 from pykine.transport.grpc import Call
@@ -42,11 +43,29 @@ class MaintenanceService:
 
     @etcd_errors
     async def Alarm(self, request: rpc_pb2.AlarmRequest, call: Call) -> rpc_pb2.AlarmResponse:
-        """pykine raises no alarms (no space quota, no corruption check), so the list is empty.
+        """etcd's alarm store, shared by the instances of the datastore (engine/alarms.py).
 
-        etcd 3.4 sends this response without a header; so does pykine.
+        As in etcd 3.4: GET lists every alarm, or those of one type; ACTIVATE
+        answers the alarm (whether or not it was raised already); DEACTIVATE
+        answers it only if it was raised. No member id is checked, NONE is
+        stored like any type, and the response carries no header.
         """
-        return rpc_pb2.AlarmResponse()
+        alarms = self.engine.alarms
+        wanted = (request.memberID, request.alarm)
+        if request.action == rpc_pb2.AlarmRequest.GET:
+            found = [raised for raised in await alarms.current() if request.alarm in (0, raised[1])]
+        elif request.action == rpc_pb2.AlarmRequest.ACTIVATE:
+            await alarms.set(*wanted, raised=True)
+            found = [wanted]
+        elif request.action == rpc_pb2.AlarmRequest.DEACTIVATE:
+            found = [wanted] if wanted in await alarms.current() else []
+            if found:
+                await alarms.set(*wanted, raised=False)
+        else:
+            raise ERR_UNKNOWN_ALARM_ACTION
+        return rpc_pb2.AlarmResponse(
+            alarms=[rpc_pb2.AlarmMember(memberID=member, alarm=alarm) for member, alarm in found]
+        )
 
     @etcd_errors
     async def Hash(self, request: rpc_pb2.HashRequest, call: Call) -> rpc_pb2.HashResponse:
