@@ -367,3 +367,37 @@ def test_default_endpoint_is_db_state_db_in_working_directory(
     again = launch(running, workdir, f"--listen-address=127.0.0.1:{port}", *args, target=f"127.0.0.1:{port}")
     got = again.kv().Range(pb.RangeRequest(key=b"default/key"), timeout=10)
     assert [kv.value for kv in got.kvs] == [b"here"]
+
+
+def test_sigterm_ends_watch_streams_at_once(workdir: Path, running: list[Pykine]) -> None:
+    """Like etcd on SIGTERM: open watch and keep-alive streams end at once, the process exits 0.
+
+    Open streams must not hold the stop for the grace period meant for unary calls in flight
+    (2 s), which would lengthen every restart of a Kubernetes API server's datastore.
+    """
+    from harness import KeepAliveStream, PykineServer, WatchSession
+
+    server = launch_local(running, workdir)
+    client = PykineServer(str(workdir))  # only its channel and stubs, on the running server
+    client.address = server.target
+    client.channel = grpc.insecure_channel(server.target)
+    watches = [WatchSession(client) for _ in range(5)]
+    for n, watch in enumerate(watches):
+        watch.create(key=b"w/%d" % n, range_end=b"w0")
+        assert watch.next().created
+    granted = pb_grpc.LeaseStub(client.channel).LeaseGrant(pb.LeaseGrantRequest(TTL=60), timeout=10)
+    keepalive = KeepAliveStream(client)
+    assert keepalive.keep_alive(granted.ID).TTL == 60
+    assert server.process is not None
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(timeout=20)
+    took = time.monotonic() - started
+    assert code == 0, server.stderr()
+    assert took < 1.5, f"exit took {took:.2f}s with streams open: held for the grace period"
+    for watch in watches:
+        with pytest.raises(AssertionError, match=r"stream failed: StatusCode\.UNAVAILABLE"):
+            watch.next(timeout=10)
+        watch.close()
+    keepalive.close()
+    client.channel.close()
