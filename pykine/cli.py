@@ -33,6 +33,7 @@ KINE_FLAGS = {
     "datastore-max-idle-connections",
     "datastore-max-open-connections",
     "datastore-connection-max-lifetime",
+    "identity-provider",
     "server-cert-file",
     "server-key-file",
     "trusted-ca-file",
@@ -232,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often to look for other instances' commits where the database cannot notify"
         " (default: mysql 50ms, sqlite shared by --workers 20ms, postgres 1s behind LISTEN/NOTIFY)",
     )
+    datastore.add_argument(
+        "--identity-provider",
+        default=_env("identity-provider") or "",
+        help="temporary database credentials: aws signs an RDS IAM token for every new connection"
+        " (needs TLS to the database; default: none)",
+    )
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"pykine {__version__}")
     return parser
@@ -245,6 +252,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         fail(f"--metrics-bind-address must be host:port, got {args.metrics_bind_address!r}")
     if not re.fullmatch(r"\d+\.\d+\.\d+", args.emulated_etcd_version):
         fail(f"--emulated-etcd-version must look like 3.5.13, got {args.emulated_etcd_version!r}")
+    if args.identity_provider not in ("", "aws"):
+        fail(f"--identity-provider must be aws, got {args.identity_provider!r}")
     tls = _client_tls(args)
     if tls is None and args.listen_address.startswith(SECURE_SCHEMES):
         fail(f"--listen-address {args.listen_address} needs --server-cert-file and --server-key-file")
@@ -268,6 +277,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             max_open_connections=args.datastore_max_open_connections,
             connection_max_lifetime=args.datastore_connection_max_lifetime,
             poll_interval=args.datastore_poll_interval or 0.0,
+            identity_provider=args.identity_provider,
         ),
         reuse_port=args.reuse_port,
         tls=tls,

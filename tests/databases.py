@@ -84,9 +84,13 @@ class OwnedServer(ABC):
     def url(self) -> str:
         """The server's base URL, without a database."""
 
+    def env(self) -> dict[str, str] | None:
+        """The server's environment; None inherits ours (a subclass adds e.g. Kerberos settings)."""
+        return None
+
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env())
         wait_until_answers(self.port, self.process, self.log_path)
 
     def send(self, sig: int) -> None:

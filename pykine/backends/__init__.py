@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl
 
 from pykine.backends.base import Backend, BackendError, ConnectionOptions
+from pykine.redaction import redact
 
 DEFAULT_SQLITE_PATH = "./db/state.db"
 
@@ -21,7 +22,9 @@ def open_backend(endpoint: str, options: ConnectionOptions | None = None) -> Bac
         return _sqlite(DEFAULT_SQLITE_PATH, "", options)
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
-        raise BackendError(f"endpoint {endpoint!r} is not a DSN (expected scheme://...)")
+        raise BackendError(redact(f"endpoint {endpoint!r} is not a DSN (expected scheme://...)"))
+    if options.identity_provider and scheme not in ("postgres", "postgresql", "mysql"):
+        raise BackendError(f"--identity-provider applies to postgres:// and mysql:// endpoints, not {scheme}://")
     if scheme == "sqlite":
         path, _, query = rest.partition("?")
         return _sqlite(path or DEFAULT_SQLITE_PATH, query, options)
@@ -40,6 +43,9 @@ def open_backend(endpoint: str, options: ConnectionOptions | None = None) -> Bac
 
 def _sqlite(path: str, query: str, options: ConnectionOptions) -> Backend:
     from pykine.backends.sqlite import SQLiteBackend
+
+    if options.identity_provider:
+        raise BackendError("--identity-provider applies to postgres:// and mysql:// endpoints, not SQLite")
 
     synchronous = "FULL"
     busy_timeout_ms = 30000

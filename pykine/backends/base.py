@@ -41,7 +41,7 @@ DEFAULT_IDLE_CONNECTIONS = 2
 
 @dataclass(frozen=True, slots=True)
 class ConnectionOptions:
-    """How to reach a database server: kine's TLS and connection-pool flags, and the commit poll."""
+    """How to reach a database server: kine's TLS, connection-pool and identity-provider flags, and the commit poll."""
 
     ca_file: str = ""
     cert_file: str = ""
@@ -53,6 +53,8 @@ class ConnectionOptions:
     max_open_connections: int = 0
     connection_max_lifetime: float = 0.0
     poll_interval: float = 0.0
+    # "aws": a fresh RDS IAM token as the password of every new connection (backends/identity.py).
+    identity_provider: str = ""
 
     def pool_bounds(self) -> tuple[int, int]:
         """(connections kept open while idle, most pooled connections open at once)."""

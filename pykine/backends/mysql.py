@@ -20,6 +20,8 @@ import asyncmy
 from asyncmy.connection import Connection
 from asyncmy.errors import MySQLError, OperationalError
 
+from pykine import redaction
+from pykine.backends import identity
 from pykine.backends.base import BackendError, ConnectionOptions, StorageStatus
 from pykine.backends.remote import RemoteSQLBackend
 from pykine.backends.sqltext import MYSQL, MYSQL_MAX_KEY_BYTES, Statements
@@ -48,7 +50,9 @@ def parse_dsn(dsn: str, options: ConnectionOptions) -> dict[str, Any]:
     """asyncmy connection arguments (without the database) and the database name, from a kine MySQL DSN."""
     match = DSN.match(dsn)
     if match is None:
-        raise BackendError(f"cannot parse mysql endpoint {dsn!r} (expected mysql://user:pass@tcp(host:port)/db)")
+        raise identity.failure(f"cannot parse mysql endpoint {dsn!r} (expected mysql://user:pass@tcp(host:port)/db)")
+    if match["password"]:
+        redaction.register(match["password"])
     args: dict[str, Any] = {
         "user": unquote(match["user"] or "root"),
         "password": unquote(match["password"] or ""),
@@ -65,7 +69,10 @@ def parse_dsn(dsn: str, options: ConnectionOptions) -> dict[str, Any]:
             raise BackendError(f"mysql endpoint port must be a number, got {port!r}")
         args["host"] = host.strip("[]") or "127.0.0.1"
         args["port"] = int(port or DEFAULT_PORT)
-    tls = dict(parse_qsl(match["query"] or "")).get("tls", "")
+    query = dict(parse_qsl(match["query"] or ""))
+    if identity.KEYTAB_PARAMETER in query:
+        raise BackendError(f"Kerberos ({identity.KEYTAB_PARAMETER}) is supported for postgres endpoints only")
+    tls = query.get("tls", "")
     context = tls_context(options, tls)
     if context is not None:
         args["ssl"] = context
@@ -116,6 +123,10 @@ class MySQLBackend(RemoteSQLBackend):
         args = parse_dsn(dsn, self.options)
         self.database: str = args.pop("database")
         self._connect_args = dict(args, charset="utf8mb4", binary_prefix=True, autocommit=True, connect_timeout=5)
+        tokens = identity.mysql_token_source(args, self.options)
+        if tokens is not None:
+            # asyncmy asks for a password before every authentication, its pool's new connections included.
+            self._connect_args["password_creator"] = tokens.token
         self._pool: Any = None
 
     # -- connections -------------------------------------------------------------------
@@ -143,7 +154,7 @@ class MySQLBackend(RemoteSQLBackend):
                 **self._connect_args,
             )
         except (MySQLError, OSError) as exc:
-            raise BackendError(f"cannot open mysql database {self.database}: {exc}") from exc
+            raise identity.failure(f"cannot open mysql database {self.database}: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def _schema_session(self) -> AsyncIterator[_Session]:

@@ -19,7 +19,9 @@ import psycopg
 from psycopg import AsyncConnection, IsolationLevel, sql
 from psycopg_pool import AsyncConnectionPool
 
-from pykine.backends.base import BackendError, ConnectionOptions, StorageStatus
+from pykine import redaction
+from pykine.backends import identity
+from pykine.backends.base import ConnectionOptions, StorageStatus
 from pykine.backends.remote import RemoteSQLBackend
 from pykine.backends.sqltext import POSTGRES, Statements
 
@@ -47,6 +49,8 @@ def split_dsn(dsn: str, options: ConnectionOptions) -> tuple[str, str, str]:
     The database defaults to `kubernetes`, as in kine; kine's TLS flags become libpq's ssl parameters.
     """
     parts = urlsplit(dsn)
+    if parts.password:
+        redaction.register(parts.password)
     database = parts.path.lstrip("/") or DEFAULT_DATABASE
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
     params.setdefault("connect_timeout", CONNECT_TIMEOUT)
@@ -90,7 +94,10 @@ class PostgresBackend(RemoteSQLBackend):
 
     def __init__(self, dsn: str, options: ConnectionOptions | None = None) -> None:
         super().__init__(options or ConnectionOptions())
+        dsn, keytab, keytab_source = identity.take_keytab(dsn)
         self.conninfo, self._server_conninfo, self.database = split_dsn(dsn, self.options)
+        # Per-connection credentials (an IAM token, a fresh Kerberos ticket), asked for every connection.
+        self._credentials = identity.postgres_credentials(self.conninfo, self.options, keytab, keytab_source)
         self._pool: AsyncConnectionPool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pool_check: asyncio.Task[None] | None = None
@@ -98,8 +105,17 @@ class PostgresBackend(RemoteSQLBackend):
     # -- connections -----------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._credentials.close()  # a Kerberos cache directory is not left behind
+            raise
+        self._listener = asyncio.create_task(self._listen(), name="pykine-postgres-listen")
+
+    async def _start(self) -> None:
         idle, most = self.options.pool_bounds()
         try:
+            await self._credentials.start()
             await self._create_database()
             await self._init_schema()
             self._pool = AsyncConnectionPool(
@@ -108,18 +124,24 @@ class PostgresBackend(RemoteSQLBackend):
                 max_size=most,
                 max_idle=IDLE_TIMEOUT,
                 max_lifetime=self.options.connection_max_lifetime or 3600.0,
-                kwargs={"autocommit": True},
+                kwargs=self._connect_arguments,
                 timeout=POOL_WAIT,
                 reconnect_timeout=RECONNECT_TIMEOUT,
                 open=False,
             )
             await self._pool.open(wait=True, timeout=30)
         except (psycopg.Error, OSError) as exc:
-            raise BackendError(f"cannot open postgres database {self.database}: {exc}") from exc
-        self._listener = asyncio.create_task(self._listen(), name="pykine-postgres-listen")
+            raise identity.failure(f"cannot open postgres database {self.database}: {exc}") from exc
+
+    async def _connect_arguments(self) -> dict[str, Any]:
+        """psycopg keyword arguments for one new connection, pooled or not."""
+        return {"autocommit": True, **await self._credentials.connect_arguments()}
+
+    async def _connect(self, conninfo: str) -> AsyncConnection[Any]:
+        return await AsyncConnection.connect(conninfo, **await self._connect_arguments())
 
     async def _create_database(self) -> None:
-        async with await AsyncConnection.connect(self._server_conninfo, autocommit=True) as conn:
+        async with await self._connect(self._server_conninfo) as conn:
             found = await (
                 await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
             ).fetchone()
@@ -130,7 +152,7 @@ class PostgresBackend(RemoteSQLBackend):
 
     @contextlib.asynccontextmanager
     async def _schema_session(self) -> AsyncIterator[_Session]:
-        async with await AsyncConnection.connect(self.conninfo, autocommit=True) as conn, conn.transaction():
+        async with await self._connect(self.conninfo) as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             yield _Session(conn)
 
@@ -141,6 +163,7 @@ class PostgresBackend(RemoteSQLBackend):
         await self.close_duty_connection()
         if self._pool is not None:
             await self._pool.close()
+        await self._credentials.close()
 
     @contextlib.asynccontextmanager
     async def _connection(self, isolation: IsolationLevel, transaction: bool) -> AsyncIterator[_Session]:
@@ -175,7 +198,7 @@ class PostgresBackend(RemoteSQLBackend):
     # -- the duty lock -------------------------------------------------------------------
 
     async def _connect_duty(self) -> AsyncConnection[Any]:
-        return await AsyncConnection.connect(self.conninfo, autocommit=True)
+        return await self._connect(self.conninfo)
 
     async def _try_duty_lock(self, connection: AsyncConnection[Any]) -> bool:
         row = await (await connection.execute("SELECT pg_try_advisory_lock(%s)", (DUTY_LOCK,))).fetchone()
@@ -197,7 +220,7 @@ class PostgresBackend(RemoteSQLBackend):
         own = self.instance_id + ":"
         while True:
             try:
-                async with await AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+                async with await self._connect(self.conninfo) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     # Commits made while we were not listening: look once.
                     self._commits.set()
