@@ -17,7 +17,7 @@ test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql
 SERVER_SUITES := tests/test_kv_differential.py tests/test_property.py tests/test_etcdctl.py \
 	tests/test_watch_differential.py tests/test_watch_stress.py tests/test_go_client.py tests/test_lease.py \
 	tests/test_crash.py tests/test_concurrency.py tests/test_shared_datastore.py tests/test_bad_input.py \
-	tests/test_quota.py
+	tests/test_quota.py tests/test_auth.py
 test-sqlite: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 test-postgres: system-deps $(STAMP)
@@ -32,7 +32,7 @@ lint: $(STAMP)
 # Regenerate the Python code for the wire declarations in pykine/wire/*.proto.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
-		pykine/wire/kv.proto pykine/wire/rpc.proto pykine/wire/health.proto
+		pykine/wire/kv.proto pykine/wire/auth.proto pykine/wire/rpc.proto pykine/wire/health.proto
 
 # pykine against real etcd with Kubernetes' request shapes (bench/run.py --help for the knobs,
 # e.g. make bench BENCH_ARGS="--objects 200 --clients 4"); writes bench/results/<date>.json.
@@ -54,7 +54,7 @@ system-deps:
 		&& command -v krb5-config >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

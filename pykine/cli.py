@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from pykine import __version__
 from pykine.backends.base import ConnectionOptions
+from pykine.engine.tokens import TokenConfigError, load_jwt, parse_token_option
 from pykine.transport.tls import TlsConfigError, TlsFiles, build_context
 
 # Flags kine also has, so KINE_<FLAG> is honoured for them.
@@ -64,6 +65,9 @@ class Settings:
     reuse_port: bool
     # Client-facing TLS (and, with a trusted CA, required client certificates); None: plaintext.
     tls: TlsFiles | None = None
+    # etcd's --auth-token (simple, or jwt,…) and --auth-token-ttl (seconds, for simple tokens).
+    auth_token: str = "simple"
+    auth_token_ttl: int = 300
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("workers") or "1",
         help="serving processes sharing the port and the datastore (default 1)",
     )
+    parser.add_argument(
+        "--auth-token",
+        default=_env("auth-token") or "simple",
+        help="auth tokens, as etcd: simple, or jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256[,ttl=5m]",
+    )
+    parser.add_argument(
+        "--auth-token-ttl",
+        type=_positive_int,
+        default=_env("auth-token-ttl") or "300",
+        help="seconds a simple token stays valid without being used (default 300)",
+    )
     client_tls = parser.add_argument_group("client TLS (TLS 1.2+, files reloaded when they change)")
     for flag, what in (
         ("server-cert-file", "certificate to serve clients with (turns TLS on)"),
@@ -281,7 +296,20 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         ),
         reuse_port=args.reuse_port,
         tls=tls,
+        auth_token=_auth_token(args.auth_token),
+        auth_token_ttl=args.auth_token_ttl,
     )
+
+
+def _auth_token(option: str) -> str:
+    """Checked now (JWT keys read and tried), so that a mistake is one line at start-up."""
+    try:
+        kind, settings = parse_token_option(option)
+        if kind == "jwt":
+            load_jwt(settings)
+    except TokenConfigError as exc:
+        fail(str(exc))
+    return option
 
 
 def _client_tls(args: argparse.Namespace) -> TlsFiles | None:

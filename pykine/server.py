@@ -18,7 +18,9 @@ from pykine.backends.base import BackendError
 from pykine.cli import Settings, fail
 from pykine.engine.records import MemberRow
 from pykine.engine.store import Engine
+from pykine.engine.tokens import make_tokens
 from pykine.logs import setup_logging
+from pykine.services.auth import AuthService
 from pykine.services.encode import Identity
 from pykine.services.handlers import register
 from pykine.services.health import HealthService, add_http_routes, add_metrics_route
@@ -94,6 +96,7 @@ def register_services(
     register(registry, services["Lease"], LeaseService(engine, identity))
     register(registry, services["Maintenance"], MaintenanceService(engine, identity, settings.emulated_etcd_version))
     register(registry, services["Cluster"], ClusterService(engine, identity))
+    register(registry, services["Auth"], AuthService(engine, identity))
     register(registry, health_pb2.DESCRIPTOR.services_by_name["Health"], health)
 
 
@@ -121,6 +124,7 @@ async def serve(settings: Settings) -> None:
         compact_batch_size=settings.compact_batch_size,
         progress_interval=settings.watch_progress_notify_interval,
         quota_bytes=settings.quota_backend_bytes,
+        tokens=make_tokens(settings.auth_token, backend, settings.auth_token_ttl),
     )
     await engine.start()
 

@@ -30,6 +30,7 @@ from aetcd.rpc import rpc_pb2_grpc as pb_grpc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STUBS = {
+    "Auth": pb_grpc.AuthStub,
     "KV": pb_grpc.KVStub,
     "Maintenance": pb_grpc.MaintenanceStub,
     "Cluster": pb_grpc.ClusterStub,

@@ -1,9 +1,9 @@
 """The stored schema version on every backend: creation, upgrade, refusal, and instances starting together.
 
-Schema 1 (what pykine wrote before the member registry) is schema 3 without
-the `member` and `alarm` tables, and schema 2 is schema 3 without `alarm`, so
-an older datastore is made by removing those tables and writing its version;
-starting pykine on it must upgrade it in place.
+Each older schema is the current one without the tables added since (schema 1
+lacks `member`, `alarm` and `document`; 2 lacks `alarm` and `document`; 3
+lacks `document`), so an older datastore is made by removing those tables and
+writing its version; starting pykine on it must upgrade it in place.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import pytest
 from harness import ROOT, PykineServer, call, pb
 
 BACKENDS = ("sqlite", "postgres", "mysql")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The tables each older version lacks.
-MISSING = {1: ["member", "alarm"], 2: ["alarm"]}
+MISSING = {1: ["member", "alarm", "document"], 2: ["alarm", "document"], 3: ["document"]}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -84,7 +84,7 @@ def test_a_newer_schema_is_refused(endpoint: str) -> None:
         env=env,
     )
     assert done.returncode == 2, done
-    assert "schema version 99 is newer than this pykine supports (3)" in done.stderr, done.stderr
+    assert "schema version 99 is newer than this pykine supports (4)" in done.stderr, done.stderr
     assert stored_version(endpoint) == 99  # left as it was
 
 

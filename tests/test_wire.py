@@ -15,15 +15,15 @@ import sys
 import tempfile
 from typing import Any
 
+import aetcd.rpc.auth_pb2
 import aetcd.rpc.kv_pb2
 import aetcd.rpc.rpc_pb2
 from google.protobuf import descriptor_pb2
 from harness import ROOT
 
-PROTOS = ["pykine/wire/kv.proto", "pykine/wire/rpc.proto"]
-# Declared by etcd but deliberately not by pykine: it does not serve Auth, and
-# lease checkpoints are raft-internal.
-NOT_DECLARED_PREFIXES = ("etcdserverpb.Auth", "etcdserverpb.LeaseCheckpoint")
+PROTOS = ["pykine/wire/kv.proto", "pykine/wire/auth.proto", "pykine/wire/rpc.proto"]
+# Declared by etcd but deliberately not by pykine: lease checkpoints are raft-internal.
+NOT_DECLARED_PREFIXES = ("etcdserverpb.LeaseCheckpoint",)
 
 
 HEALTH_PROTO = "pykine/wire/health.proto"
@@ -93,13 +93,17 @@ def test_declarations_match_etcds() -> None:
     ours: dict[str, Any] = {}
     for proto in _ours():
         ours.update(_shapes(proto))
-    theirs = {**_shapes(_theirs(aetcd.rpc.kv_pb2)), **_shapes(_theirs(aetcd.rpc.rpc_pb2))}
-    assert "/etcdserverpb.KV" in ours and "mvccpb.KeyValue" in ours
+    theirs = {
+        **_shapes(_theirs(aetcd.rpc.kv_pb2)),
+        **_shapes(_theirs(aetcd.rpc.auth_pb2)),
+        **_shapes(_theirs(aetcd.rpc.rpc_pb2)),
+    }
+    assert "/etcdserverpb.KV" in ours and "mvccpb.KeyValue" in ours and "/etcdserverpb.Auth" in ours
     for name, shape in ours.items():
         assert name in theirs, f"pykine declares {name}, etcd does not"
         assert shape == theirs[name], f"{name} differs:\n pykine {shape}\n etcd   {theirs[name]}"
     missing = {name for name in theirs if name not in ours}
-    assert all(name.startswith(NOT_DECLARED_PREFIXES) or name == "/etcdserverpb.Auth" for name in missing), missing
+    assert all(name.startswith(NOT_DECLARED_PREFIXES) for name in missing), missing
 
 
 def test_health_declaration_matches_grpcs() -> None:

@@ -29,6 +29,8 @@ from pykine.engine.records import (
 T = TypeVar("T")
 
 Plan = Callable[[Snapshot], tuple[WriteSet, T]]
+# Stored bytes in, new bytes (or None: keep them) out; see Backend.update_document.
+DocumentChange = Callable[[bytes], bytes | None]
 
 
 class BackendError(Exception):
@@ -165,6 +167,19 @@ class Backend(ABC):
     @abstractmethod
     async def set_alarm(self, member_id: int, alarm: int, raised: bool) -> None:
         """Raise or clear one member's alarm (idempotent)."""
+
+    @abstractmethod
+    async def read_document(self, name: str) -> tuple[int, bytes]:
+        """A shared document and its revision ((0, b"") if it was never written)."""
+
+    @abstractmethod
+    async def update_document(self, name: str, change: DocumentChange) -> tuple[int, bytes]:
+        """Apply `change` to the document under its lock: no other instance changes it meanwhile.
+
+        `change` gets the stored bytes and returns new ones (stored with the
+        revision incremented) or None (nothing stored); what it raises
+        propagates and nothing is stored. Returns the revision and bytes now.
+        """
 
     @abstractmethod
     async def compact_step(self, target: int, max_revisions: int) -> int:

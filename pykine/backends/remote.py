@@ -31,7 +31,7 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from pykine.backends.base import Backend, BackendError, ConnectionOptions, Plan
+from pykine.backends.base import Backend, BackendError, ConnectionOptions, DocumentChange, Plan
 from pykine.backends.sqltext import (
     INITIAL_META,
     SCHEMA_VERSION,
@@ -312,6 +312,28 @@ class RemoteSQLBackend(Backend):
     async def set_alarm(self, member_id: int, alarm: int, raised: bool) -> None:
         async with self._single() as session:
             await session.execute(self.SQL.insert_alarm if raised else self.SQL.delete_alarm, (member_id, alarm))
+
+    async def read_document(self, name: str) -> tuple[int, bytes]:
+        async with self._single() as session:
+            rows = await session.rows(self.SQL.document, (name,))
+        return (int(rows[0][0]), bytes(rows[0][1])) if rows else (0, b"")
+
+    async def update_document(self, name: str, change: DocumentChange) -> tuple[int, bytes]:
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                async with self._write_session() as session:
+                    await session.execute(self.SQL.insert_document, (name, b""))
+                    row = (await session.rows(self.SQL.lock_document, (name,)))[0]
+                    revision, value = int(row[0]), bytes(row[1])
+                    new = change(value)
+                    if new is None:
+                        return revision, value
+                    await session.execute(self.SQL.set_document, (revision + 1, new, name))
+                    return revision + 1, new
+            except Exception as exc:
+                if attempt == COMMIT_ATTEMPTS or not self._is_retryable(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     async def leave(self, member_id: int) -> None:
         async with self._single() as session:

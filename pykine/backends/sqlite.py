@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pykine.backends.base import Backend, BackendError, Plan, StorageStatus
+from pykine.backends.base import Backend, BackendError, DocumentChange, Plan, StorageStatus
 from pykine.backends.sqltext import (
     INITIAL_META,
     SCHEMA_VERSION,
@@ -463,6 +463,31 @@ class SQLiteBackend(Backend):
     async def set_alarm(self, member_id: int, alarm: int, raised: bool) -> None:
         statement = SQL.insert_alarm if raised else SQL.delete_alarm
         await self._write(lambda: self._connection().execute(statement, (member_id, alarm)))
+
+    async def read_document(self, name: str) -> tuple[int, bytes]:
+        row = await self._on(self._readers, lambda: self._connection().execute(SQL.document, (name,)).fetchone())
+        return (int(row[0]), bytes(row[1])) if row else (0, b"")
+
+    async def update_document(self, name: str, change: DocumentChange) -> tuple[int, bytes]:
+        return await self._write(self._update_document, name, change)
+
+    def _update_document(self, name: str, change: DocumentChange) -> tuple[int, bytes]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(SQL.insert_document, (name, b""))
+            revision, value = conn.execute(SQL.lock_document, (name,)).fetchone()
+            new = change(bytes(value))
+            if new is None:
+                conn.execute("COMMIT")
+                return int(revision), bytes(value)
+            conn.execute(SQL.set_document, (revision + 1, new, name))
+            conn.execute("COMMIT")
+            return int(revision) + 1, new
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     async def leave(self, member_id: int) -> None:
         await self._write(lambda: self._connection().execute(SQL.delete_member, (member_id,)))

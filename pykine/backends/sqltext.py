@@ -31,8 +31,8 @@ from pykine.engine.records import (
 )
 
 # 1: meta, kv, kv_history, lease. 2: member (the instances serving the datastore, for MemberList).
-# 3: alarm (etcd's alarms, per member).
-SCHEMA_VERSION = 3
+# 3: alarm (etcd's alarms, per member). 4: document (the auth store and its tokens).
+SCHEMA_VERSION = 4
 
 # Keys or lease ids per IN (...) list.
 IN_CHUNK = 500
@@ -123,6 +123,8 @@ class Statements:
             "member": f"id {i} PRIMARY KEY, name {b} NOT NULL, client_url {b} NOT NULL, seen_at {d.real_type} NOT NULL",
             # Raised alarms: one row per member and alarm type, as etcd's alarm store keeps them.
             "alarm": f"member_id {i} NOT NULL, alarm {i} NOT NULL, PRIMARY KEY (member_id, alarm)",
+            # Small state every instance shares and changes under the row's lock (the auth store).
+            "document": f"name {d.text_type} PRIMARY KEY, revision {i} NOT NULL, value {b} NOT NULL",
         }
         statements = {}
         for table, columns in tables.items():
@@ -397,6 +399,26 @@ class Statements:
         return self.sql("DELETE FROM alarm WHERE member_id = ? AND alarm = ?")
 
     @cached_property
+    def document(self) -> str:
+        return self.sql("SELECT revision, value FROM document WHERE name = ?")
+
+    @cached_property
+    def lock_document(self) -> str:
+        """The row, locked until the transaction ends (SQLite's write transaction locks everything)."""
+        return self.document if self.dialect.name == "sqlite" else self.document + " FOR UPDATE"
+
+    @cached_property
+    def insert_document(self) -> str:
+        """An empty document at revision 0, unless it exists."""
+        if self.dialect.mysql:
+            return self.sql("INSERT IGNORE INTO document (name, revision, value) VALUES (?, 0, ?)")
+        return self.sql("INSERT INTO document (name, revision, value) VALUES (?, 0, ?) ON CONFLICT DO NOTHING")
+
+    @cached_property
+    def set_document(self) -> str:
+        return self.sql("UPDATE document SET revision = ?, value = ? WHERE name = ?")
+
+    @cached_property
     def compact_superseded(self) -> str:
         """A row at revision r in (done, upto] supersedes every older row of its key."""
         older = (
@@ -415,7 +437,7 @@ class Statements:
 
 
 # The tables that bring a schema from version N (the key) to N + 1; each upgrade runs under the schema lock.
-MIGRATIONS: dict[int, list[str]] = {1: ["member"], 2: ["alarm"]}
+MIGRATIONS: dict[int, list[str]] = {1: ["member"], 2: ["alarm"], 3: ["document"]}
 
 
 def upgrade_statements(sql: Statements, stored: int) -> list[tuple[str, list[Any]]]:

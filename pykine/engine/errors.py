@@ -46,3 +46,11 @@ class NoSpaceError(EngineError):
 
 class CorruptError(EngineError):
     """A write while the CORRUPT alarm is raised."""
+
+
+class AuthError(EngineError):
+    """An auth failure etcd defines; `reason` names which (engine/auth.py)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

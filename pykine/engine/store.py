@@ -19,6 +19,7 @@ from pykine import metrics
 from pykine.backends.base import Backend, StorageStatus
 from pykine.engine import hashing
 from pykine.engine.alarms import LEASE_OVERHEAD, Alarms, put_cost, txn_cost
+from pykine.engine.auth import AuthStore
 from pykine.engine.errors import (
     CompactedError,
     EngineError,
@@ -46,6 +47,7 @@ from pykine.engine.results import (
     TxnResult,
     WriteResult,
 )
+from pykine.engine.tokens import Tokens
 from pykine.engine.watch import CATCH_UP_REVISIONS, WatchHub, WatchStream
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,11 @@ class Engine:
         compact_batch_size: int = 1000,
         progress_interval: float = 5.0,
         quota_bytes: int = 0,
+        tokens: Tokens | None = None,
     ) -> None:
         self.backend = backend
         self.alarms = Alarms(backend, quota_bytes)
+        self.auth = AuthStore(backend, tokens)
         self.hub = WatchHub()
         # Serialises advancing the hub between local commits and the feed.
         self._hub_lock = asyncio.Lock()
@@ -105,12 +109,14 @@ class Engine:
         target, done = await self.backend.compaction_progress()
         self._compact_target, self._compacted_through = target, done
         await self.alarms.refresh()
+        await self.auth.load()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="pykine-writer"),
             asyncio.create_task(self._compact_loop(), name="pykine-compactor"),
             asyncio.create_task(self._expiry_loop(), name="pykine-lease-expiry"),
             asyncio.create_task(self._feed_loop(), name="pykine-watch-feed"),
             asyncio.create_task(self.alarms.follow(), name="pykine-alarms"),
+            asyncio.create_task(self.auth.follow(), name="pykine-auth"),
         ]
         if target > done:
             self._compact_wake.set()
@@ -332,6 +338,14 @@ class Engine:
     async def lease_keep_alive(self, request: Any) -> LeaseResult:
         result: LeaseResult = await self._submit(request)
         return result
+
+    async def lease_keys(self, lease_id: int) -> list[bytes]:
+        """The keys attached to a lease now (none if there is no such lease)."""
+        try:
+            _, lease, keys = await self.backend.read_lease(lease_id, True)
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        return keys if lease is not None else []
 
     async def lease_time_to_live(self, request: Any) -> LeaseInfo:
         try:

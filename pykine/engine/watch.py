@@ -32,6 +32,14 @@ EMPTY_WATCH_RANGE = "mvcc: watcher range is empty"
 NOPUT, NODELETE = 0, 1
 
 
+@dataclass(frozen=True, slots=True)
+class RefusedCreate:
+    """A create request the caller may not make (auth): answered created and canceled, in order."""
+
+    watch_id: int
+    reason: str
+
+
 @dataclass(slots=True)
 class WatchReply:
     """One WatchResponse, before encoding."""
@@ -188,7 +196,7 @@ class WatchStream:
             self._wake.clear()
             while self._inbox:
                 request = self._inbox.popleft()
-                if request.WhichOneof("request_union") == "create_request":
+                if not isinstance(request, RefusedCreate) and request.WhichOneof("request_union") == "create_request":
                     await self._read_index()
                 for reply in self._handle(request):
                     yield reply
@@ -216,6 +224,11 @@ class WatchStream:
     # -- requests ----------------------------------------------------------------
 
     def _handle(self, request: Any) -> Iterator[WatchReply]:
+        if isinstance(request, RefusedCreate):
+            yield WatchReply(
+                request.watch_id, self._hub.head, created=True, canceled=True, cancel_reason=request.reason
+            )
+            return
         kind = request.WhichOneof("request_union")
         if kind == "create_request":
             yield from self._create(request.create_request)

@@ -10,7 +10,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from pykine.engine import auth
 from pykine.engine.errors import (
+    AuthError,
     CompactedError,
     CorruptError,
     EngineError,
@@ -62,6 +64,30 @@ ERR_MEMBERS_ARE_INSTANCES = EtcdError(
     " start or stop an instance instead of reconfiguring members",
 )
 
+AUTH_ERRORS: dict[str, EtcdError] = {
+    auth.NOT_ENABLED: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: authentication is not enabled"),
+    auth.AUTH_FAILED: EtcdError(
+        Code.INVALID_ARGUMENT, "etcdserver: authentication failed, invalid user ID or password"
+    ),
+    auth.INVALID_TOKEN: EtcdError(Code.UNAUTHENTICATED, "etcdserver: invalid auth token"),
+    auth.OLD_REVISION: EtcdError(Code.INVALID_ARGUMENT, "etcdserver: revision of auth store is old"),
+    auth.PERMISSION_DENIED: EtcdError(Code.PERMISSION_DENIED, "etcdserver: permission denied"),
+    auth.USER_EMPTY: EtcdError(Code.INVALID_ARGUMENT, "etcdserver: user name is empty"),
+    auth.USER_EXISTS: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: user name already exists"),
+    auth.USER_NOT_FOUND: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: user name not found"),
+    auth.ROLE_EMPTY: EtcdError(Code.INVALID_ARGUMENT, "etcdserver: role name is empty"),
+    auth.ROLE_EXISTS: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: role name already exists"),
+    auth.ROLE_NOT_FOUND: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: role name not found"),
+    auth.ROLE_NOT_GRANTED: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: role is not granted to the user"),
+    auth.PERMISSION_NOT_GRANTED: EtcdError(
+        Code.FAILED_PRECONDITION, "etcdserver: permission is not granted to the role"
+    ),
+    auth.ROOT_USER_MISSING: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: root user does not exist"),
+    auth.ROOT_ROLE_MISSING: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: root user does not have root role"),
+    auth.INVALID_MANAGEMENT: EtcdError(Code.INVALID_ARGUMENT, "etcdserver: invalid auth management"),
+    auth.PASSWORD_EMPTY: EtcdError(Code.INVALID_ARGUMENT, "etcdserver: password is empty"),
+}
+
 ENGINE_ERRORS: dict[type[EngineError], EtcdError] = {
     CompactedError: ERR_COMPACTED,
     FutureRevisionError: ERR_FUTURE_REV,
@@ -79,6 +105,8 @@ def to_etcd_error(error: EngineError) -> EtcdError:
         return EtcdError(Code.UNAVAILABLE, f"pykine: datastore unavailable: {error}")
     if isinstance(error, KeyTooLongError):
         return EtcdError(Code.INVALID_ARGUMENT, str(error))
+    if isinstance(error, AuthError):
+        return AUTH_ERRORS[error.reason]
     return ENGINE_ERRORS[type(error)]
 
 

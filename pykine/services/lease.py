@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pykine.engine.store import Engine
-from pykine.services import validate
+from pykine.services import auth, validate
 from pykine.services.encode import Identity
 from pykine.services.errors import etcd_errors
 from pykine.transport.grpc import Call
@@ -26,6 +26,8 @@ class LeaseService:
 
     @etcd_errors
     async def LeaseRevoke(self, request: rpc_pb2.LeaseRevokeRequest, call: Call) -> rpc_pb2.LeaseRevokeResponse:
+        if self.engine.auth.enabled:
+            await auth.check_lease_revoke(self.engine, call, request.ID)
         result = await self.engine.lease_revoke(request)
         return rpc_pb2.LeaseRevokeResponse(header=self.identity.header(result.revision))
 

@@ -6,12 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pykine.engine.errors import EngineError
 from pykine.engine.store import Engine
-from pykine.services import encode
+from pykine.engine.watch import RefusedCreate
+from pykine.services import auth, encode
 from pykine.services.encode import Identity
 from pykine.services.validate import MAX_REQUEST_BYTES
 from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
+
+PERMISSION_DENIED_REASON = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
 
 
 class WatchService:
@@ -24,6 +28,14 @@ class WatchService:
 
         async def receive() -> None:
             async for request in requests:
+                if self.engine.auth.enabled and request.WhichOneof("request_union") == "create_request":
+                    create = request.create_request
+                    try:
+                        await auth.check_range(self.engine, call, create.key, create.range_end)
+                    except EngineError:
+                        # etcd puts the whole gRPC error's text in the reason, whatever the auth failure.
+                        stream.submit(RefusedCreate(create.watch_id, PERMISSION_DENIED_REASON))
+                        continue
                 stream.submit(request)
 
         receiver = asyncio.create_task(receive())

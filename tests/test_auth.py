@@ -1,0 +1,261 @@
+"""Auth beyond one etcd member: instances sharing a datastore, TLS identities, JWT tokens, bad flags.
+
+tests/test_auth_differential.py compares pykine's auth with real etcd's call
+by call; this module covers what a single etcd cannot show: every instance on
+one datastore enforces the same store, tokens issued by one instance work on
+the others, and changes reach the others quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import certs
+import grpc
+import pytest
+from aetcd.rpc import auth_pb2, rpc_pb2_grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from harness import Outcome, PykineServer, call, default_endpoint, free_port, pb
+from test_bad_input import assert_refused, run_pykine
+
+READWRITE = auth_pb2.Permission.READWRITE
+# How long a change may take to reach another instance (pykine polls the store every 50 ms).
+PROPAGATION = 5.0
+
+
+def as_user(server: PykineServer, token: str, service: str, method: str, request: object) -> Outcome:
+    try:
+        stub = getattr(server.stub(service), method)
+        return Outcome(response=stub(request, timeout=10, metadata=(("token", token),)))
+    except grpc.RpcError as error:
+        return Outcome(code=error.code(), details=error.details())
+
+
+def login(server: PykineServer, name: str, password: str) -> str:
+    outcome = call(server, "Auth", "Authenticate", pb.AuthenticateRequest(name=name, password=password))
+    assert outcome.ok, outcome
+    return outcome.response.token
+
+
+def admin(server: PykineServer, token: str, method: str, request: object) -> None:
+    outcome = as_user(server, token, "Auth", method, request)
+    assert outcome.ok, (method, outcome)
+
+
+def set_up_users(server: PykineServer) -> str:
+    """root, and alice who may read and write under app/; auth enabled. Returns root's token."""
+    for method, request in (
+        ("UserAdd", pb.AuthUserAddRequest(name="root", password="rootpw")),
+        ("UserGrantRole", pb.AuthUserGrantRoleRequest(user="root", role="root")),
+        ("RoleAdd", pb.AuthRoleAddRequest(name="app")),
+        (
+            "RoleGrantPermission",
+            pb.AuthRoleGrantPermissionRequest(
+                name="app",
+                perm=auth_pb2.Permission(permType=auth_pb2.Permission.READWRITE, key=b"app/", range_end=b"app0"),
+            ),
+        ),
+        ("UserAdd", pb.AuthUserAddRequest(name="alice", password="alicepw")),
+        ("UserGrantRole", pb.AuthUserGrantRoleRequest(user="alice", role="app")),
+        ("AuthEnable", pb.AuthEnableRequest()),
+    ):
+        outcome = call(server, "Auth", method, request)
+        assert outcome.ok, (method, outcome)
+    return login(server, "root", "rootpw")
+
+
+@pytest.fixture
+def two() -> Iterator[tuple[PykineServer, PykineServer]]:
+    workdir = tempfile.mkdtemp(prefix="pykine-auth-")
+    endpoint = default_endpoint(workdir)
+    first = PykineServer(os.path.join(workdir, "a"), endpoint=endpoint)
+    second = PykineServer(os.path.join(workdir, "b"), endpoint=endpoint)
+    for server in (first, second):
+        os.mkdir(server.workdir)
+        server.start()
+    try:
+        yield first, second
+    finally:
+        second.stop()
+        first.stop()
+
+
+def eventually(check: object, what: str) -> Outcome:
+    deadline = time.monotonic() + PROPAGATION
+    while True:
+        outcome = check()  # type: ignore[operator]
+        if outcome is not None:
+            return outcome
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_every_instance_enforces_one_store(two: tuple[PykineServer, PykineServer]) -> None:
+    first, second = two
+    root = set_up_users(first)
+    put = pb.PutRequest(key=b"app/x", value=b"1")
+
+    # Enabling through the first instance reaches the second: no token is refused there too.
+    def refused_on_second() -> Outcome | None:
+        outcome = call(second, "KV", "Put", put)
+        return None if outcome.ok else outcome
+
+    refused = eventually(refused_on_second, "enabling auth never reached the second instance")
+    assert (refused.code, refused.details) == (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: user name is empty")
+    # A token from one instance works on the other.
+    alice = login(first, "alice", "alicepw")
+    assert as_user(second, alice, "KV", "Put", put).ok
+    denied = as_user(second, alice, "KV", "Put", pb.PutRequest(key=b"other", value=b"1"))
+    assert (denied.code, denied.details) == (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
+
+    # A change through the first instance reaches the second: alice's old token is now too old.
+    revoke = pb.AuthRoleRevokePermissionRequest(role="app", key=b"app/", range_end=b"app0")
+    admin(first, root, "RoleRevokePermission", revoke)
+
+    def old_on_second() -> Outcome | None:
+        outcome = as_user(second, alice, "KV", "Put", put)
+        return None if outcome.ok else outcome
+
+    outcome = eventually(old_on_second, "the revocation never reached the second instance")
+    assert (outcome.code, outcome.details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "etcdserver: revision of auth store is old",
+    )
+    fresh = login(second, "alice", "alicepw")
+    denied = as_user(second, fresh, "KV", "Put", put)
+    assert (denied.code, denied.details) == (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
+
+    # Both instances list the same users and roles.
+    root_second = login(second, "root", "rootpw")
+    users = [
+        as_user(server, token, "Auth", "UserList", pb.AuthUserListRequest())
+        for server, token in ((first, login(first, "root", "rootpw")), (second, root_second))
+    ]
+    assert [list(outcome.response.users) for outcome in users] == [["alice", "root"]] * 2
+
+    # Disabling through the second instance opens the first.
+    admin(second, root_second, "AuthDisable", pb.AuthDisableRequest())
+    assert eventually(lambda: ((o := call(first, "KV", "Put", put)).ok and o) or None, "disable on first").ok
+
+
+def test_client_certificate_common_name_is_the_user(tmp_path: Path) -> None:
+    """With --trusted-ca-file and no token, the verified certificate's CommonName is the user, as in etcd."""
+    authority = certs.Authority(str(tmp_path), "auth")
+    server_pair = authority.issue("server", "server", server=True)
+    root_pair = authority.issue("root", "root", server=False)
+    alice_pair = authority.issue("alice", "alice", server=False)
+    pykine = PykineServer(
+        str(tmp_path),
+        f"--server-cert-file={server_pair.cert}",
+        f"--server-key-file={server_pair.key}",
+        f"--trusted-ca-file={authority.cert}",
+    )
+
+    def credentials(pair: certs.Pair) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            Path(authority.cert).read_bytes(), Path(pair.key).read_bytes(), Path(pair.cert).read_bytes()
+        )
+
+    pykine.credentials = credentials(root_pair)
+    pykine.start()
+    try:
+        set_up_users(pykine)
+        # The test's channel presents root's certificate: root may do anything, with no token.
+        assert call(pykine, "KV", "Put", pb.PutRequest(key=b"anything", value=b"1")).ok
+        assert call(pykine, "Auth", "UserList", pb.AuthUserListRequest()).ok
+        with grpc.secure_channel(pykine.address, credentials(alice_pair)) as channel:
+            kv = rpc_pb2_grpc.KVStub(channel)
+            assert kv.Put(pb.PutRequest(key=b"app/cert", value=b"1"), timeout=10).header.revision > 0
+            with pytest.raises(grpc.RpcError) as denied:
+                kv.Put(pb.PutRequest(key=b"other", value=b"1"), timeout=10)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        pykine.stop()
+
+
+def test_jwt_tokens(tmp_path: Path) -> None:
+    """--auth-token jwt: tokens verify on every instance holding the public key; a forged one is refused."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / "jwt.key", tmp_path / "jwt.pub"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    endpoint = default_endpoint(str(tmp_path))
+    signer = PykineServer(
+        str(tmp_path),
+        f"--auth-token=jwt,pub-key={public},priv-key={private},sign-method=ES256,ttl=1m",
+        endpoint=endpoint,
+    )
+    verifier = PykineServer(str(tmp_path), f"--auth-token=jwt,pub-key={public},sign-method=ES256", endpoint=endpoint)
+    signer.start()
+    verifier.start()
+    try:
+        set_up_users(signer)
+        alice = login(signer, "alice", "alicepw")
+        assert alice.count(".") == 2  # header.claims.signature
+        put = pb.PutRequest(key=b"app/jwt", value=b"1")
+        assert eventually(lambda: ((o := as_user(verifier, alice, "KV", "Put", put)).ok and o) or None, "jwt").ok
+        forged = alice[:-4] + ("AAAA" if not alice.endswith("AAAA") else "BBBB")
+        refused = as_user(verifier, forged, "KV", "Put", put)
+        assert (refused.code, refused.details) == (grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
+        # The verifier has no private key: it cannot issue tokens.
+        outcome = call(verifier, "Auth", "Authenticate", pb.AuthenticateRequest(name="alice", password="alicepw"))
+        assert not outcome.ok
+    finally:
+        verifier.stop()
+        signer.stop()
+
+
+@pytest.mark.parametrize(
+    ("option", "mentions"),
+    [
+        ("opaque", "--auth-token must be simple or jwt"),
+        ("jwt,sign-method=RS256", "needs pub-key"),
+        ("jwt,pub-key=/nonexistent/key.pub,sign-method=RS256", "cannot read pub-key"),
+        ("jwt,pub-key={garbage},priv-key={garbage},sign-method=RS256", "do not work with RS256"),
+        ("jwt,pub-key={garbage},sign-method=XX999", "sign-method must be one of"),
+        ("simple,ttl=5m", "takes no options"),
+    ],
+)
+def test_bad_auth_token_flags(tmp_path: Path, option: str, mentions: str) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key\n")
+    result = run_pykine(
+        f"--listen-address=127.0.0.1:{free_port()}",
+        f"--endpoint=sqlite://{tmp_path}/state.db",
+        f"--auth-token={option.format(garbage=garbage)}",
+        cwd=tmp_path,
+    )
+    assert_refused(result, mentions)
+
+
+def test_etcdctl_user_flag_end_to_end(tmp_path: Path) -> None:
+    server = PykineServer(str(tmp_path))
+    server.start()
+    try:
+        set_up_users(server)
+        base = ["etcdctl", f"--endpoints={server.address}", "--command-timeout=10s"]
+        env = dict(os.environ, ETCDCTL_API="3")
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+
+        assert run("--user=alice:alicepw", "put", "app/ctl", "v").stdout.strip() == "OK"
+        assert run("--user=alice:alicepw", "get", "app/ctl", "--print-value-only").stdout.strip() == "v"
+        denied = run("--user=alice:alicepw", "put", "elsewhere", "v")
+        assert denied.returncode != 0 and "etcdserver: permission denied" in denied.stderr
+        wrong = run("--user=alice:nope", "get", "app/ctl")
+        assert wrong.returncode != 0 and "authentication failed, invalid user ID or password" in wrong.stderr
+        listed = run("--user=root:rootpw", "role", "get", "app")
+        assert "[app/, app0)" in listed.stdout, listed
+    finally:
+        server.stop()
