@@ -59,7 +59,7 @@ PERMISSION_NOT_GRANTED = "permission not granted"
 ROOT_USER_MISSING = "root user missing"
 ROOT_ROLE_MISSING = "root role missing"
 INVALID_MANAGEMENT = "invalid management"
-PASSWORD_EMPTY = "password empty"
+NO_PASSWORD_USER = "no password user"
 
 # Where a key range ends when it has no end: past every key.
 INFINITY = None
@@ -184,21 +184,24 @@ class AuthState:
                 user.roles.remove(name)
 
     def grant_permission(self, name: str, perm: Permission) -> None:
-        """etcd keeps a role's permissions ordered by key; one per (key, range_end)."""
+        """etcd 3.4's rule, copies included: only the first permission on the same key is
+        updated (if its range_end matches too); otherwise the new one joins the list, which
+        stays ordered by key, equal keys in the order granted."""
         perms = self.role(name)
-        for index, held in enumerate(perms):
-            if held.key == perm.key and held.range_end == perm.range_end:
-                perms[index] = perm
-                return
-        perms.insert(bisect.bisect_left([held.key for held in perms], perm.key), perm)
+        first = bisect.bisect_left([held.key for held in perms], perm.key)
+        if first < len(perms) and perms[first].key == perm.key and perms[first].range_end == perm.range_end:
+            perms[first] = perm
+            return
+        perms.append(perm)
+        perms.sort(key=lambda held: held.key)  # stable
 
     def revoke_permission(self, name: str, key: bytes, range_end: bytes) -> None:
+        """Takes every copy of (key, range_end)."""
         perms = self.role(name)
-        for index, held in enumerate(perms):
-            if held.key == key and held.range_end == range_end:
-                del perms[index]
-                return
-        raise AuthError(PERMISSION_NOT_GRANTED)
+        kept = [held for held in perms if not (held.key == key and held.range_end == range_end)]
+        if len(kept) == len(perms):
+            raise AuthError(PERMISSION_NOT_GRANTED)
+        perms[:] = kept
 
     def enable(self) -> None:
         root = self.users.get(ROOT)
@@ -275,6 +278,7 @@ class AuthStore:
         self.state = AuthState.from_bytes(data)
         self.revision = revision
         self._merged.clear()
+        self.tokens.store_changed()
 
     async def follow(self) -> None:
         """Hear of changes other instances make, within AUTH_POLL."""
@@ -320,8 +324,10 @@ class AuthStore:
         if not self.enabled:
             raise AuthError(NOT_ENABLED)
         user = self.state.users.get(name)
-        if user is None or user.no_password:
+        if user is None:
             raise AuthError(AUTH_FAILED)
+        if user.no_password:
+            raise AuthError(NO_PASSWORD_USER)
         matches = await asyncio.to_thread(bcrypt.checkpw, password.encode(), user.password)
         if not matches:
             raise AuthError(AUTH_FAILED)
@@ -331,14 +337,17 @@ class AuthStore:
             raise AuthError(AUTH_FAILED) from None
 
     async def identify(self, token: str | None, common_name: str | None) -> AuthInfo | None:
-        """The caller, from a token or a TLS client certificate (None: no identity given)."""
-        if token:
+        """The caller, from a token or a TLS client certificate (None: no identity given).
+
+        A token is checked whenever one is sent, auth enabled or not, as etcd does.
+        """
+        if token is not None:  # an empty one too
             try:
                 user, revision = await self.tokens.verify(token)
             except InvalidToken:
                 raise AuthError(INVALID_TOKEN) from None
-            return AuthInfo(user, revision)
-        if common_name:
+            return AuthInfo(user, self.revision if revision is None else revision)
+        if common_name and self.enabled:
             return AuthInfo(common_name, self.revision)
         return None
 

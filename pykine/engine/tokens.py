@@ -1,9 +1,12 @@
 """Auth tokens, as etcd's `--auth-token` chooses them: `simple` (the default) or `jwt`.
 
-simple: a random string naming (user, auth revision), valid while it is used
-at least once per TTL (`--auth-token-ttl`, 300 s). Tokens are kept in a shared
-document, so a token issued by one instance works on the others; each
-instance caches the ones it has seen and extends their TTL on use.
+simple: a random string naming a user, valid while it is used at least once
+per TTL (`--auth-token-ttl`, 300 s). As in etcd 3.4 it carries no auth
+revision: permission changes apply to it at once. Changing the user's
+password or deleting the user ends it, disabling auth ends them all. Tokens
+are kept in a shared document, so a token issued by one instance works on
+the others; each instance caches the ones it has seen (until the auth store
+changes) and extends their TTL on use.
 
 jwt: a JSON Web Token signed with the configured key (PyJWT), carrying the
 user name and auth revision, valid until its `exp`. Nothing is stored: every
@@ -55,9 +58,17 @@ class InvalidToken(Exception):
 class Tokens(Protocol):
     async def issue(self, user: str, revision: int) -> str: ...
 
-    async def verify(self, token: str) -> tuple[str, int]: ...
+    async def verify(self, token: str) -> tuple[str, int | None]:
+        """The token's user and the auth revision it stands for (None: whatever is current)."""
+        ...
 
-    def forget_user(self, user: str) -> None: ...
+    async def forget(self, user: str | None) -> None:
+        """Invalidate the user's tokens (None: everyone's), where that is possible."""
+        ...
+
+    def store_changed(self) -> None:
+        """The auth store moved: what this instance remembers may be stale."""
+        ...
 
 
 class SimpleTokens:
@@ -86,7 +97,7 @@ class SimpleTokens:
         self._known[token] = record
         return token
 
-    async def verify(self, token: str) -> tuple[str, int]:
+    async def verify(self, token: str) -> tuple[str, int | None]:
         now = time.time()
         record = self._known.get(token)
         if record is None:
@@ -101,12 +112,22 @@ class SimpleTokens:
             self._known.pop(token, None)
             raise InvalidToken()
         self._known[token] = (record[0], record[1], now + self.ttl)  # used: its TTL starts again
-        return record[0], record[1]
+        return record[0], None
 
-    def forget_user(self, user: str) -> None:
-        for token, record in list(self._known.items()):
-            if record[0] == user:
-                del self._known[token]
+    async def forget(self, user: str | None) -> None:
+        def drop(data: bytes) -> bytes | None:
+            tokens = json.loads(data) if data else {}
+            kept = {key: value for key, value in tokens.items() if user is not None and value[0] != user}
+            return None if kept == tokens else json.dumps(kept).encode()
+
+        try:
+            await self.backend.update_document(TOKEN_DOCUMENT, drop)
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        self.store_changed()
+
+    def store_changed(self) -> None:
+        self._known.clear()
 
 
 @dataclass
@@ -124,7 +145,7 @@ class JwtTokens:
         claims = {"username": user, "revision": revision, "exp": int(time.time() + self.ttl)}
         return jwt.encode(claims, self.sign_key, algorithm=self.method)
 
-    async def verify(self, token: str) -> tuple[str, int]:
+    async def verify(self, token: str) -> tuple[str, int | None]:
         import jwt
 
         try:
@@ -133,8 +154,11 @@ class JwtTokens:
         except (jwt.PyJWTError, KeyError, TypeError, ValueError):
             raise InvalidToken() from None
 
-    def forget_user(self, user: str) -> None:
-        """Nothing to forget: a JWT lives until it expires, as in etcd."""
+    async def forget(self, user: str | None) -> None:
+        """Nothing to forget: a JWT lives until it expires, as in etcd (its revision goes stale)."""
+
+    def store_changed(self) -> None:
+        """Nothing is remembered."""
 
 
 def parse_token_option(option: str) -> tuple[str, dict[str, str]]:

@@ -9,23 +9,21 @@ from __future__ import annotations
 import asyncio
 
 from pykine.engine.auth import AuthInfo, AuthState, AuthStore, Permission, hash_password
+from pykine.engine.errors import AuthError
 from pykine.engine.store import Engine
 from pykine.services.encode import Identity
-from pykine.services.errors import etcd_errors
+from pykine.services.errors import AUTH_ERRORS, as_go_error_text, etcd_errors, unmapped
 from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
 from pykine.wire.auth_pb2 import Permission as WirePermission
 
-# The metadata key etcd's clients send their token in.
-TOKEN_KEY = "token"
+# The metadata keys etcd takes a token from: its gRPC clients' and its gateway's.
+TOKEN_HEADERS = (b"token", b"authorization")
 
 
 async def caller(auth: AuthStore, call: Call) -> AuthInfo | None:
-    """Who is calling (None with auth off: nobody needs to know)."""
-    if not auth.enabled:
-        return None
-    token = call.metadata.get(TOKEN_KEY)
-    return await auth.identify(token if isinstance(token, str) else None, call.peer.common_name)
+    """Who is calling: a token sent is always checked; else the client certificate's name."""
+    return await auth.identify(call.header(*TOKEN_HEADERS), call.peer.common_name)
 
 
 class AuthService:
@@ -51,6 +49,7 @@ class AuthService:
     async def AuthDisable(self, request: rpc_pb2.AuthDisableRequest, call: Call) -> rpc_pb2.AuthDisableResponse:
         await self._admin(call)
         await self.auth.change(AuthState.disable)
+        await self.auth.tokens.forget(None)  # as etcd: no token outlives disabling
         return rpc_pb2.AuthDisableResponse(header=await self._header())
 
     @etcd_errors
@@ -62,6 +61,8 @@ class AuthService:
 
     @etcd_errors
     async def Authenticate(self, request: rpc_pb2.AuthenticateRequest, call: Call) -> rpc_pb2.AuthenticateResponse:
+        if self.auth.enabled:  # disabled, etcd says so first, whatever token came along
+            await caller(self.auth, call)
         token = await self.auth.authenticate(request.name, request.password)
         return rpc_pb2.AuthenticateResponse(header=await self._header(), token=token)
 
@@ -75,7 +76,9 @@ class AuthService:
 
     @etcd_errors
     async def UserGet(self, request: rpc_pb2.AuthUserGetRequest, call: Call) -> rpc_pb2.AuthUserGetResponse:
-        await self._admin(call)
+        info = await caller(self.auth, call)
+        if not (info is not None and info.user == request.name and info.user in self.auth.state.users):
+            self.auth.check_admin(info)  # anyone may read their own user
         await self.auth.load()
         roles = list(self.auth.state.user(request.name).roles)
         return rpc_pb2.AuthUserGetResponse(header=await self._header(), roles=roles)
@@ -90,7 +93,7 @@ class AuthService:
     async def UserDelete(self, request: rpc_pb2.AuthUserDeleteRequest, call: Call) -> rpc_pb2.AuthUserDeleteResponse:
         await self._admin(call)
         await self.auth.change(lambda state: state.delete_user(request.name))
-        self.auth.tokens.forget_user(request.name)
+        await self.auth.tokens.forget(request.name)
         return rpc_pb2.AuthUserDeleteResponse(header=await self._header())
 
     @etcd_errors
@@ -100,7 +103,7 @@ class AuthService:
         await self._admin(call)
         password = await _password_hash(request.password, request.hashedPassword)
         await self.auth.change(lambda state: state.change_password(request.name, password))
-        self.auth.tokens.forget_user(request.name)
+        await self.auth.tokens.forget(request.name)
         return rpc_pb2.AuthUserChangePasswordResponse(header=await self._header())
 
     @etcd_errors
@@ -127,7 +130,10 @@ class AuthService:
 
     @etcd_errors
     async def RoleGet(self, request: rpc_pb2.AuthRoleGetRequest, call: Call) -> rpc_pb2.AuthRoleGetResponse:
-        await self._admin(call)
+        info = await caller(self.auth, call)
+        user = self.auth.state.users.get(info.user) if info is not None else None
+        if not (user is not None and request.role in user.roles):
+            self.auth.check_admin(info)  # anyone may read the roles they have
         await self.auth.load()
         perms = [
             WirePermission(permType=perm.kind, key=perm.key, range_end=perm.range_end)
@@ -172,12 +178,19 @@ async def _password_hash(password: str, hashed: str) -> bytes:
     return await asyncio.to_thread(hash_password, password)
 
 
-# -- the checks other services make when auth is enabled ------------------------------------
+# -- the checks other services make -------------------------------------------------------
+#
+# Each is called when auth is enabled or the call carries a token (`needs_check`): etcd checks a
+# token whenever one is sent, even with auth disabled.
+
+
+def needs_check(engine: Engine, call: Call) -> bool:
+    return engine.auth.enabled or call.header(*TOKEN_HEADERS) is not None
 
 
 async def _lease_keys_writable(engine: Engine, info: AuthInfo | None, lease_id: int) -> None:
     """etcd's checkLeasePuts: a lease binds keys together, so using or revoking it needs write access to all."""
-    if not lease_id or engine.auth.is_root(info):
+    if not lease_id or not engine.auth.enabled or engine.auth.is_root(info):
         return
     for key in await engine.lease_keys(lease_id):
         engine.auth.check_range(info, key, b"", write=True)
@@ -208,7 +221,11 @@ async def check_txn(engine: Engine, call: Call, request: rpc_pb2.TxnRequest) -> 
 
 
 async def _check_txn(engine: Engine, info: AuthInfo | None, request: rpc_pb2.TxnRequest) -> None:
-    """Every compare reads; every op is checked as its own call would be, nested txns included."""
+    """Every compare reads; every op is checked as its own call would be.
+
+    Unlike etcd 3.4, which checks no op of a nested txn (a hole later releases
+    closed), nested txns are checked like the outer one.
+    """
     auth = engine.auth
     for compare in request.compare:
         auth.check_range(info, compare.key, compare.range_end, write=False)
@@ -228,11 +245,36 @@ async def _check_txn(engine: Engine, info: AuthInfo | None, request: rpc_pb2.Txn
             await _check_txn(engine, info, op.request_txn)
 
 
+async def check_token(engine: Engine, call: Call) -> None:
+    """Only a token that was sent is checked (Compact, LeaseGrant: no permission is needed)."""
+    await caller(engine.auth, call)
+
+
 async def check_lease_revoke(engine: Engine, call: Call, lease_id: int) -> None:
-    info = await caller(engine.auth, call)
-    engine.auth.checked_user(info)
-    await _lease_keys_writable(engine, info, lease_id)
+    """WRITE on every key of the lease; a lease with no keys needs nothing, not even a token."""
+    await _lease_keys_writable(engine, await caller(engine.auth, call), lease_id)
 
 
-async def check_admin(engine: Engine, call: Call) -> None:
-    engine.auth.check_admin(await caller(engine.auth, call))
+async def check_admin_unmapped(engine: Engine, call: Call) -> None:
+    """Hash, HashKV, Defragment: root, with the auth package's errors as etcd 3.4 returns them."""
+    try:
+        engine.auth.check_admin(await caller(engine.auth, call))
+    except AuthError as error:
+        raise unmapped(error) from None
+
+
+async def check_token_unmapped(engine: Engine, call: Call) -> None:
+    """Alarm: no permission is needed, but a token sent must be valid (unmapped error)."""
+    try:
+        await caller(engine.auth, call)
+    except AuthError as error:
+        raise unmapped(error) from None
+
+
+async def watch_refusal(engine: Engine, call: Call, key: bytes, range_end: bytes) -> str | None:
+    """Why a watch may not be created, as the cancel_reason etcd sends (None: it may)."""
+    try:
+        await check_range(engine, call, key, range_end)
+    except AuthError as error:
+        return as_go_error_text(AUTH_ERRORS[error.reason])
+    return None

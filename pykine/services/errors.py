@@ -85,8 +85,29 @@ AUTH_ERRORS: dict[str, EtcdError] = {
     auth.ROOT_USER_MISSING: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: root user does not exist"),
     auth.ROOT_ROLE_MISSING: EtcdError(Code.FAILED_PRECONDITION, "etcdserver: root user does not have root role"),
     auth.INVALID_MANAGEMENT: EtcdError(Code.INVALID_ARGUMENT, "etcdserver: invalid auth management"),
-    auth.PASSWORD_EMPTY: EtcdError(Code.INVALID_ARGUMENT, "etcdserver: password is empty"),
+    # etcd 3.4 passes this one through unmapped.
+    auth.NO_PASSWORD_USER: EtcdError(
+        Code.UNKNOWN, "auth: authentication failed, password was given for no password user"
+    ),
 }
+# The auth package's own errors, as etcd 3.4's Maintenance calls and Alarm return them, unmapped.
+RAW_AUTH_ERRORS: dict[str, EtcdError] = {
+    auth.INVALID_TOKEN: EtcdError(Code.UNKNOWN, "auth: invalid auth token"),
+    auth.PERMISSION_DENIED: EtcdError(Code.UNKNOWN, "auth: permission denied"),
+    auth.USER_EMPTY: EtcdError(Code.UNKNOWN, "auth: user name is empty"),
+    auth.OLD_REVISION: EtcdError(Code.UNKNOWN, "auth: revision in header is old"),
+}
+
+
+def unmapped(error: AuthError) -> EtcdError:
+    return RAW_AUTH_ERRORS.get(error.reason) or AUTH_ERRORS[error.reason]
+
+
+def as_go_error_text(error: EtcdError) -> str:
+    """grpc-go's text for a status error, which etcd puts in a refused watch's cancel_reason."""
+    code = "".join(part.capitalize() for part in error.status.name.split("_"))
+    return f"rpc error: code = {code} desc = {error.message}"
+
 
 ENGINE_ERRORS: dict[type[EngineError], EtcdError] = {
     CompactedError: ERR_COMPACTED,

@@ -21,12 +21,14 @@ class LeaseService:
     @etcd_errors
     async def LeaseGrant(self, request: rpc_pb2.LeaseGrantRequest, call: Call) -> rpc_pb2.LeaseGrantResponse:
         validate.check_size(request)
+        if auth.needs_check(self.engine, call):
+            await auth.check_token(self.engine, call)
         result = await self.engine.lease_grant(request)
         return rpc_pb2.LeaseGrantResponse(header=self.identity.header(result.revision), ID=result.id, TTL=result.ttl)
 
     @etcd_errors
     async def LeaseRevoke(self, request: rpc_pb2.LeaseRevokeRequest, call: Call) -> rpc_pb2.LeaseRevokeResponse:
-        if self.engine.auth.enabled:
+        if auth.needs_check(self.engine, call):
             await auth.check_lease_revoke(self.engine, call, request.ID)
         result = await self.engine.lease_revoke(request)
         return rpc_pb2.LeaseRevokeResponse(header=self.identity.header(result.revision))

@@ -51,6 +51,8 @@ class MaintenanceService:
         answers it only if it was raised. No member id is checked, NONE is
         stored like any type, and the response carries no header.
         """
+        if auth.needs_check(self.engine, call):
+            await auth.check_token_unmapped(self.engine, call)
         alarms = self.engine.alarms
         wanted = (request.memberID, request.alarm)
         if request.action == rpc_pb2.AlarmRequest.GET:
@@ -71,16 +73,16 @@ class MaintenanceService:
     @etcd_errors
     async def Hash(self, request: rpc_pb2.HashRequest, call: Call) -> rpc_pb2.HashResponse:
         """A digest of the live keys (engine/hashing.py); not etcd's bbolt-page hash."""
-        if self.engine.auth.enabled:
-            await auth.check_admin(self.engine, call)
+        if auth.needs_check(self.engine, call):
+            await auth.check_admin_unmapped(self.engine, call)
         result = await self.engine.hash_state()
         return rpc_pb2.HashResponse(header=self.identity.header(result.current_revision), hash=result.hash)
 
     @etcd_errors
     async def HashKV(self, request: rpc_pb2.HashKVRequest, call: Call) -> rpc_pb2.HashKVResponse:
         """A digest of every key revision up to `revision` above the compact revision (engine/hashing.py)."""
-        if self.engine.auth.enabled:
-            await auth.check_admin(self.engine, call)
+        if auth.needs_check(self.engine, call):
+            await auth.check_admin_unmapped(self.engine, call)
         result = await self.engine.hash_kv(request.revision)
         return rpc_pb2.HashKVResponse(
             header=self.identity.header(result.current_revision),
@@ -99,8 +101,8 @@ class MaintenanceService:
     @etcd_errors
     async def Defragment(self, request: rpc_pb2.DefragmentRequest, call: Call) -> rpc_pb2.DefragmentResponse:
         """VACUUM the SQLite file; like etcd 3.4, the answer carries no header."""
-        if self.engine.auth.enabled:
-            await auth.check_admin(self.engine, call)
+        if auth.needs_check(self.engine, call):
+            await auth.check_admin_unmapped(self.engine, call)
         await self.engine.defragment()
         return rpc_pb2.DefragmentResponse()
 

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pykine.engine.errors import EngineError
 from pykine.engine.store import Engine
 from pykine.engine.watch import RefusedCreate
 from pykine.services import auth, encode
@@ -14,8 +13,6 @@ from pykine.services.encode import Identity
 from pykine.services.validate import MAX_REQUEST_BYTES
 from pykine.transport.grpc import Call
 from pykine.wire import rpc_pb2
-
-PERMISSION_DENIED_REASON = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
 
 
 class WatchService:
@@ -28,13 +25,12 @@ class WatchService:
 
         async def receive() -> None:
             async for request in requests:
-                if self.engine.auth.enabled and request.WhichOneof("request_union") == "create_request":
+                if request.WhichOneof("request_union") == "create_request" and auth.needs_check(self.engine, call):
                     create = request.create_request
-                    try:
-                        await auth.check_range(self.engine, call, create.key, create.range_end)
-                    except EngineError:
-                        # etcd puts the whole gRPC error's text in the reason, whatever the auth failure.
-                        stream.submit(RefusedCreate(create.watch_id, PERMISSION_DENIED_REASON))
+                    reason = await auth.watch_refusal(self.engine, call, create.key, create.range_end)
+                    if reason is not None:
+                        # etcd: created and canceled, watch id -1, grpc-go's error text as the reason.
+                        stream.submit(RefusedCreate(-1, reason))
                         continue
                 stream.submit(request)
 

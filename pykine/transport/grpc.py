@@ -244,6 +244,13 @@ class Call:
         self.headers_sent = False
         self.done = False
 
+    def header(self, *names: bytes) -> str | None:
+        """The first of these request headers that was sent, without decoding all the metadata."""
+        for name, value in self._headers:
+            if name in names:
+                return value.decode("latin-1")
+        return None
+
     @property
     def metadata(self) -> dict[str, str | bytes]:
         """Custom request headers; `-bin` ones decoded from base64, as gRPC defines."""
