@@ -221,6 +221,23 @@ def test_jwt_tokens(tmp_path: Path) -> None:
         signer.stop()
 
 
+def test_expired_jwt_is_an_invalid_token(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    server = PykineServer(str(tmp_path), f"--auth-token=jwt,priv-key={secret},sign-method=HS256,ttl=1s")
+    server.start()
+    try:
+        set_up_users(server)
+        alice = login(server, "alice", "alicepw")
+        assert as_user(server, alice, "KV", "Range", pb.RangeRequest(key=b"app/x")).ok
+        time.sleep(2.1)
+        expired = as_user(server, alice, "KV", "Range", pb.RangeRequest(key=b"app/x"))
+        assert (expired.code, expired.details) == (grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
+        assert as_user(server, login(server, "alice", "alicepw"), "KV", "Range", pb.RangeRequest(key=b"app/x")).ok
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     ("option", "mentions"),
     [
