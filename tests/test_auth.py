@@ -221,6 +221,24 @@ def test_jwt_tokens(tmp_path: Path) -> None:
         signer.stop()
 
 
+def test_simple_tokens_live_while_used(tmp_path: Path) -> None:
+    """--auth-token-ttl: a simple token used within the TTL lives on; one left unused expires, as in etcd."""
+    server = PykineServer(str(tmp_path), "--auth-token-ttl=1")
+    server.start()
+    try:
+        set_up_users(server)
+        alice = login(server, "alice", "alicepw")
+        read = pb.RangeRequest(key=b"app/x")
+        for _ in range(4):  # 2.4 s in all, more than the TTL, but never 1 s without a use
+            time.sleep(0.6)
+            assert as_user(server, alice, "KV", "Range", read).ok
+        time.sleep(1.5)
+        expired = as_user(server, alice, "KV", "Range", read)
+        assert (expired.code, expired.details) == (grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
+    finally:
+        server.stop()
+
+
 def test_expired_jwt_is_an_invalid_token(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32))
