@@ -18,12 +18,12 @@ within that second too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from pykine.backends.base import Backend
 from pykine.engine.errors import CorruptError, NoSpaceError, UnavailableError
+from pykine.engine.polling import poll_forever
 from pykine.wire import rpc_pb2
 
 log = logging.getLogger(__name__)
@@ -68,21 +68,13 @@ class Alarms:
 
     async def follow(self) -> None:
         """Keep the view fresh, for alarms raised elsewhere and a quota passed by any instance's writes."""
-        failing = False
-        while True:
-            await asyncio.sleep(REFRESH_INTERVAL)
-            try:
-                await self.refresh()
-                if self.quota_bytes and self.size > self.quota_bytes and not self.has(NOSPACE):
-                    await self._raise_nospace()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not failing:
-                    log.warning("reading alarms failed: %s", exc)
-                failing = True
-                continue
-            failing = False
+
+        async def step() -> None:
+            await self.refresh()
+            if self.quota_bytes and self.size > self.quota_bytes and not self.has(NOSPACE):
+                await self._raise_nospace()
+
+        await poll_forever(step, REFRESH_INTERVAL, "reading alarms")
 
     def has(self, alarm: int) -> bool:
         return any(kind == alarm for _, kind in self.raised)

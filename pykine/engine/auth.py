@@ -23,7 +23,6 @@ import asyncio
 import base64
 import bisect
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +31,8 @@ import bcrypt
 
 from pykine.backends.base import Backend
 from pykine.engine.errors import AuthError, UnavailableError
+from pykine.engine.polling import poll_forever
 from pykine.engine.tokens import InvalidToken, SimpleTokens, Tokens
-
-log = logging.getLogger(__name__)
 
 ROOT = "root"
 READ, WRITE, READWRITE = 0, 1, 2
@@ -282,19 +280,7 @@ class AuthStore:
 
     async def follow(self) -> None:
         """Hear of changes other instances make, within AUTH_POLL."""
-        failing = False
-        while True:
-            await asyncio.sleep(AUTH_POLL)
-            try:
-                await self.load()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not failing:
-                    log.warning("reading the auth store failed: %s", exc)
-                failing = True
-                continue
-            failing = False
+        await poll_forever(self.load, AUTH_POLL, "reading the auth store")
 
     # -- changes ---------------------------------------------------------------------
 
