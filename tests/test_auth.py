@@ -300,3 +300,25 @@ def test_etcdctl_user_flag_end_to_end(tmp_path: Path) -> None:
         assert "[app/, app0)" in listed.stdout, listed
     finally:
         server.stop()
+
+
+def test_hashed_passwords(tmp_path: Path) -> None:
+    """etcd 3.5's hashedPassword: a bcrypt hash made by the client (Go writes $2a$); anything else is refused."""
+    import bcrypt
+
+    server = PykineServer(str(tmp_path))
+    server.start()
+    try:
+        go_style = bcrypt.hashpw(b"secret", bcrypt.gensalt(10)).replace(b"$2b$", b"$2a$", 1).decode()
+        assert call(server, "Auth", "UserAdd", pb.AuthUserAddRequest(name="carol", hashedPassword=go_style)).ok
+        bad = call(server, "Auth", "UserAdd", pb.AuthUserAddRequest(name="dave", hashedPassword="plain text"))
+        assert (bad.code, bad.details) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "etcdserver: hashed password is not a bcrypt hash",
+        )
+        set_up_users(server)
+        assert login(server, "carol", "secret")
+        users = as_user(server, login(server, "root", "rootpw"), "Auth", "UserList", pb.AuthUserListRequest())
+        assert list(users.response.users) == ["alice", "carol", "root"]
+    finally:
+        server.stop()

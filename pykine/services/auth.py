@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 
+import bcrypt
+
 from pykine.engine.auth import AuthInfo, AuthState, AuthStore, Permission, hash_password
 from pykine.engine.errors import AuthError
 from pykine.engine.store import Engine
 from pykine.services.encode import Identity
-from pykine.services.errors import AUTH_ERRORS, as_go_error_text, etcd_errors, unmapped
-from pykine.transport.grpc import Call
+from pykine.services.errors import AUTH_ERRORS, EtcdError, as_go_error_text, etcd_errors, unmapped
+from pykine.transport.grpc import Call, Status
 from pykine.wire import rpc_pb2
 from pykine.wire.auth_pb2 import Permission as WirePermission
 
+# A hashedPassword that is no bcrypt hash would fail every later login.
+ERR_BAD_HASHED_PASSWORD = EtcdError(Status.INVALID_ARGUMENT, "etcdserver: hashed password is not a bcrypt hash")
 # The metadata keys etcd takes a token from: its gRPC clients' and its gateway's.
 TOKEN_HEADERS = (b"token", b"authorization")
 
@@ -174,6 +178,10 @@ class AuthService:
 async def _password_hash(password: str, hashed: str) -> bytes:
     """A bcrypt hash: the client's own (etcd 3.5's hashedPassword) or one made off the event loop."""
     if hashed:
+        try:
+            await asyncio.to_thread(bcrypt.checkpw, b"", hashed.encode())
+        except ValueError:
+            raise ERR_BAD_HASHED_PASSWORD from None
         return hashed.encode()
     return await asyncio.to_thread(hash_password, password)
 
