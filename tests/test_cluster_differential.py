@@ -9,7 +9,10 @@ FAILED_PRECONDITION that says why pykine does not.
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -257,3 +260,22 @@ def test_unknown_alarm_action_is_refused(servers: Pair) -> None:
     """etcd 3.4 crashes on this request; pykine answers it."""
     got = call(servers.pykine, "Maintenance", "Alarm", pb.AlarmRequest(action=7))
     assert (got.code, got.details) == (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: unknown alarm action")
+
+
+def test_etcdctl_endpoint_hashkv(servers: Pair) -> None:
+    """`etcdctl endpoint hashkv` prints pykine's HashKV, as it prints etcd's."""
+    servers.kv("Put", pb.PutRequest(key=b"hashkv/a", value=b"1"))
+    for server in (servers.etcd, servers.pykine):
+        done = subprocess.run(
+            ["etcdctl", f"--endpoints={server.address}", "endpoint", "hashkv", "-w", "json"],
+            env=dict(os.environ, ETCDCTL_API="3"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        [answer] = json.loads(done.stdout)
+        expected = call(server, "Maintenance", "HashKV", pb.HashKVRequest()).response
+        assert answer["HashKV"]["hash"] == expected.hash
+        assert answer["HashKV"]["compact_revision"] == expected.compact_revision
