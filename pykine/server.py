@@ -22,6 +22,7 @@ from pykine.engine.tokens import make_tokens
 from pykine.logs import setup_logging
 from pykine.services.auth import AuthService
 from pykine.services.encode import Identity
+from pykine.services.gateway import add_gateway_routes
 from pykine.services.handlers import register
 from pykine.services.health import HealthService, add_http_routes, add_metrics_route
 from pykine.services.kv import KVService
@@ -89,15 +90,21 @@ def member_id(cluster_id: int, url: str) -> int:
 
 def register_services(
     registry: Registry, engine: Engine, identity: Identity, settings: Settings, health: HealthService
-) -> None:
+) -> dict[str, object]:
+    """Serve every etcd service over gRPC; returns the servicers by service name (for the JSON gateway)."""
+    servicers: dict[str, object] = {
+        "KV": KVService(engine, identity),
+        "Watch": WatchService(engine, identity),
+        "Lease": LeaseService(engine, identity),
+        "Maintenance": MaintenanceService(engine, identity, settings.emulated_etcd_version),
+        "Cluster": ClusterService(engine, identity),
+        "Auth": AuthService(engine, identity),
+    }
     services = rpc_pb2.DESCRIPTOR.services_by_name
-    register(registry, services["KV"], KVService(engine, identity))
-    register(registry, services["Watch"], WatchService(engine, identity))
-    register(registry, services["Lease"], LeaseService(engine, identity))
-    register(registry, services["Maintenance"], MaintenanceService(engine, identity, settings.emulated_etcd_version))
-    register(registry, services["Cluster"], ClusterService(engine, identity))
-    register(registry, services["Auth"], AuthService(engine, identity))
+    for name, servicer in servicers.items():
+        register(registry, services[name], servicer)
     register(registry, health_pb2.DESCRIPTOR.services_by_name["Health"], health)
+    return servicers
 
 
 async def listen(
@@ -154,8 +161,9 @@ async def serve(settings: Settings) -> None:
     identity = Identity(cluster_id=cluster_id, member_id=member_id(cluster_id, url))
     await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
     health = HealthService()
-    register_services(registry, engine, identity, settings, health)
+    servicers = register_services(registry, engine, identity, settings, health)
     add_http_routes(router, engine, settings.emulated_etcd_version)
+    add_gateway_routes(router, servicers)
     await server.start()
     if metrics_server is not None:
         await metrics_server.start()

@@ -1,0 +1,180 @@
+"""etcd's JSON gateway on the client port: the v3 API as JSON over HTTP, as etcd 3.4 serves it.
+
+etcd 3.4 serves a grpc-gateway (v1) translation of its gRPC services under
+`/v3/` (and `/v3beta/`): POST a JSON request to `/v3/kv/range` and get the
+RangeResponse back as JSON. Patroni, tooz/etcd3gw, APISIX and curl users talk
+only to that. Here each route calls the same servicer method the gRPC
+transport calls, with a `GatewayCall` standing in for the gRPC call (headers,
+peer), so the two can never disagree.
+
+JSON as grpc-gateway writes it: proto field names, int64 as strings, bytes as
+base64, enums by name, zero values left out, compact, with Go's escaping of
+<, > and &. Requests may use proto or camelCase names; unknown fields are
+ignored. Errors: `{"error","message","code"}` with grpc-gateway's HTTP status
+for the gRPC code. The token travels in the `Authorization` header.
+
+Streaming calls (watch, lease keep-alive) are not served yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+
+from pykine.services.encode import Encoded
+from pykine.transport.grpc import RpcError, Status
+from pykine.transport.http1 import HttpRequest, HttpResponse, Peer, Router
+from pykine.wire import rpc_pb2
+
+PREFIXES = ("/v3/", "/v3beta/")
+
+# (path under the prefix, service, method); etcd 3.4's gateway paths, aliases included.
+ROUTES: list[tuple[str, str, str]] = [
+    ("kv/range", "KV", "Range"),
+    ("kv/put", "KV", "Put"),
+    ("kv/deleterange", "KV", "DeleteRange"),
+    ("kv/txn", "KV", "Txn"),
+    ("kv/compaction", "KV", "Compact"),
+    ("lease/grant", "Lease", "LeaseGrant"),
+    ("lease/revoke", "Lease", "LeaseRevoke"),
+    ("kv/lease/revoke", "Lease", "LeaseRevoke"),
+    ("lease/timetolive", "Lease", "LeaseTimeToLive"),
+    ("kv/lease/timetolive", "Lease", "LeaseTimeToLive"),
+    ("lease/leases", "Lease", "LeaseLeases"),
+    ("kv/lease/leases", "Lease", "LeaseLeases"),
+    ("maintenance/alarm", "Maintenance", "Alarm"),
+    ("maintenance/status", "Maintenance", "Status"),
+    ("maintenance/defragment", "Maintenance", "Defragment"),
+    ("maintenance/hash", "Maintenance", "Hash"),
+    ("maintenance/transfer-leadership", "Maintenance", "MoveLeader"),
+    ("cluster/member/add", "Cluster", "MemberAdd"),
+    ("cluster/member/remove", "Cluster", "MemberRemove"),
+    ("cluster/member/update", "Cluster", "MemberUpdate"),
+    ("cluster/member/list", "Cluster", "MemberList"),
+    ("cluster/member/promote", "Cluster", "MemberPromote"),
+    ("auth/enable", "Auth", "AuthEnable"),
+    ("auth/disable", "Auth", "AuthDisable"),
+    ("auth/authenticate", "Auth", "Authenticate"),
+    ("auth/user/add", "Auth", "UserAdd"),
+    ("auth/user/get", "Auth", "UserGet"),
+    ("auth/user/list", "Auth", "UserList"),
+    ("auth/user/delete", "Auth", "UserDelete"),
+    ("auth/user/changepw", "Auth", "UserChangePassword"),
+    ("auth/user/grant", "Auth", "UserGrantRole"),
+    ("auth/user/revoke", "Auth", "UserRevokeRole"),
+    ("auth/role/add", "Auth", "RoleAdd"),
+    ("auth/role/get", "Auth", "RoleGet"),
+    ("auth/role/list", "Auth", "RoleList"),
+    ("auth/role/delete", "Auth", "RoleDelete"),
+    ("auth/role/grant", "Auth", "RoleGrantPermission"),
+    ("auth/role/revoke", "Auth", "RoleRevokePermission"),
+]
+
+# grpc-gateway v1's HTTP status for each gRPC code.
+HTTP_STATUS = {
+    Status.OK: 200,
+    Status.CANCELLED: 408,
+    Status.UNKNOWN: 500,
+    Status.INVALID_ARGUMENT: 400,
+    Status.DEADLINE_EXCEEDED: 504,
+    Status.NOT_FOUND: 404,
+    Status.ALREADY_EXISTS: 409,
+    Status.PERMISSION_DENIED: 403,
+    Status.UNAUTHENTICATED: 401,
+    Status.RESOURCE_EXHAUSTED: 429,
+    Status.FAILED_PRECONDITION: 412,
+    Status.ABORTED: 409,
+    Status.OUT_OF_RANGE: 400,
+    Status.UNIMPLEMENTED: 501,
+    Status.INTERNAL: 500,
+    Status.UNAVAILABLE: 503,
+    Status.DATA_LOSS: 500,
+}
+JSON = "application/json"
+# What grpc-gateway adds to a successful answer.
+SUCCESS_HEADERS = [("Grpc-Metadata-Content-Type", "application/grpc")]
+
+
+class GatewayCall:
+    """What a servicer may ask of its call, answered from the HTTP request."""
+
+    def __init__(self, request: HttpRequest) -> None:
+        self._headers = request.headers
+        self.peer: Peer = request.peer
+
+    def header(self, *names: bytes) -> str | None:
+        """gRPC metadata the gateway forwards: the `Authorization` header is etcd's token."""
+        wanted = {b"authorization" if name == b"token" else name for name in names}
+        for name, value in self._headers:
+            if name.lower() in wanted:
+                return value.decode("latin-1")
+        return None
+
+
+def to_json(message: Message) -> bytes:
+    """grpc-gateway's JSON: proto names, no zero values, compact, Go's HTML-safe escaping."""
+    document = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+def error_response(status: Status, message: str) -> HttpResponse:
+    body = json.dumps({"error": message, "message": message, "code": int(status)}, separators=(",", ":"))
+    return HttpResponse(HTTP_STATUS.get(status, 500), body.encode(), content_type=JSON)
+
+
+def parse_request(body: bytes, message: Message) -> str | None:
+    """Fill `message` from JSON (proto or camelCase names, unknown fields ignored); the error, if any."""
+    if not body.strip():
+        return None
+    try:
+        document = json.JSONDecoder().raw_decode(body.decode("utf-8").lstrip())[0]
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"invalid JSON: {exc}"
+    if not isinstance(document, dict):
+        return f"json: cannot unmarshal {type(document).__name__} into an object"
+    try:
+        json_format.ParseDict(document, message, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        return str(exc)
+    return None
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+def route(method: Callable[[Any, Any], Awaitable[Any]], request_class: type[Message], response_class: Any) -> Handler:
+    async def handle(request: HttpRequest) -> HttpResponse:
+        message = request_class()
+        problem = parse_request(request.body, message)
+        if problem is not None:
+            return error_response(Status.INVALID_ARGUMENT, problem)
+        try:
+            response = await method(message, GatewayCall(request))
+        except RpcError as error:
+            return error_response(error.status, error.message)
+        if isinstance(response, Encoded):  # KV.Range answers pre-encoded bytes for gRPC
+            response = response_class.FromString(bytes(response))
+        return HttpResponse(200, to_json(response), content_type=JSON, headers=list(SUCCESS_HEADERS))
+
+    return handle
+
+
+def add_gateway_routes(router: Router, servicers: dict[str, object]) -> None:
+    """Every unary route etcd's gateway has, onto the servicers the gRPC transport serves."""
+    services: dict[str, ServiceDescriptor] = dict(rpc_pb2.DESCRIPTOR.services_by_name)
+    for path, service, name in ROUTES:
+        servicer = servicers.get(service)
+        implementation = getattr(servicer, name, None)
+        if implementation is None:
+            continue
+        descriptor = services[service].methods_by_name[name]
+        handler = route(implementation, GetMessageClass(descriptor.input_type), GetMessageClass(descriptor.output_type))
+        for prefix in PREFIXES:
+            router.add("POST", prefix + path, handler)
