@@ -175,3 +175,80 @@ def test_auth_with_the_authorization_header(servers: Pair) -> None:
             if status == 200:
                 post(server, "/v3/auth/disable", "{}", token=json.loads(body)["token"])
             post(server, "/v3/auth/user/delete", '{"name":"root"}')
+
+
+class Stream:
+    """A streaming gateway call: its answer lines, read as they come."""
+
+    def __init__(self, server: Server, path: str, body: str) -> None:
+        request = urllib.request.Request(f"http://{server.address}{path}", data=body.encode(), method="POST")
+        self.answer = urllib.request.urlopen(request, timeout=30)
+
+    def lines(self, count: int) -> list[Any]:
+        return [json.loads(self.answer.readline()) for _ in range(count)]
+
+    def close(self) -> None:
+        self.answer.close()
+
+
+def both_streams(servers: Pair, path: str, body: str) -> tuple[Stream, Stream]:
+    return Stream(servers.etcd, path, body), Stream(servers.pykine, path, body)
+
+
+def same_lines(streams: tuple[Stream, Stream], count: int) -> None:
+    want, got = (stream.lines(count) for stream in streams)
+    assert blank(got) == blank(want), f"\n--- etcd: {want}\n--- pykine: {got}"
+
+
+def test_watch_stream(servers: Pair) -> None:
+    """Created, events with prev_kv, a NOPUT filter on a second watch of the stream, progress, one JSON line each."""
+    body = (
+        '{"create_request":{"key":"dy8=","range_end":"dzA=","prev_kv":true}}'
+        '{"create_request":{"key":"dy8=","rangeEnd":"dzA=","filters":["NOPUT"],"watch_id":"7"}}'
+    )
+    streams = both_streams(servers, "/v3/watch", body)
+    try:
+        same_lines(streams, 2)  # both created
+        same(servers, "/v3/kv/put", '{"key":"dy9h","value":"MQ=="}')
+        same(servers, "/v3/kv/put", '{"key":"dy9h","value":"Mg=="}')
+        same(servers, "/v3/kv/deleterange", '{"key":"dy9h"}')
+        same_lines(streams, 4)  # two puts for the first watch; the delete for both
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_watch_from_the_past(servers: Pair) -> None:
+    first = same(servers, "/v3/kv/put", '{"key":"cC9h","value":"MQ=="}')["header"]["revision"]
+    same(servers, "/v3/kv/put", '{"key":"cC9i","value":"Mg=="}')
+    body = json.dumps({"create_request": {"key": "cC8=", "range_end": "cDA=", "start_revision": first}})
+    streams = both_streams(servers, "/v3/watch", body)
+    try:
+        same_lines(streams, 2)  # created, then both past events in one response
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_watch_progress(servers: Pair) -> None:
+    """A progress request on a synced stream (etcd 3.4 also answers one at once while catching up;
+    pykine, like etcd 3.5, only once every watcher has been sent what precedes it)."""
+    streams = both_streams(servers, "/v3/watch", '{"create_request":{"key":"cHI="}}{"progress_request":{}}')
+    try:
+        same_lines(streams, 2)  # created, progress (watch_id -1)
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_keepalive_stream(servers: Pair) -> None:
+    same(servers, "/v3/lease/grant", '{"TTL":"60","ID":"99"}')
+    for path in ("/v3/lease/keepalive", "/v3beta/lease/keepalive"):
+        streams = both_streams(servers, path, '{"ID":"99"}{"ID":"99"}{"ID":"98"}')
+        try:
+            same_lines(streams, 3)
+            assert [stream.answer.readline() for stream in streams] == [b"", b""]  # ended with the requests
+        finally:
+            for stream in streams:
+                stream.close()
+    same(servers, "/v3/lease/revoke", '{"ID":"99"}')

@@ -13,13 +13,17 @@ base64, enums by name, zero values left out, compact, with Go's escaping of
 ignored. Errors: `{"error","message","code"}` with grpc-gateway's HTTP status
 for the gRPC code. The token travels in the `Authorization` header.
 
-Streaming calls (watch, lease keep-alive) are not served yet.
+Streaming calls (`watch`, `lease/keepalive`) take a body of one or more JSON
+requests and answer with one `{"result":…}` line per message, sent as it
+happens (chunked). A watch stays open after the requests end, until the
+client goes; a keep-alive stream ends with its requests, as over gRPC.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 from google.protobuf import json_format
@@ -166,6 +170,78 @@ def route(method: Callable[[Any, Any], Awaitable[Any]], request_class: type[Mess
     return handle
 
 
+# Streaming routes: (path, service, method).
+STREAM_ROUTES: list[tuple[str, str, str]] = [
+    ("watch", "Watch", "Watch"),
+    ("lease/keepalive", "Lease", "LeaseKeepAlive"),
+]
+
+
+def parse_requests(body: bytes, request_class: type[Message]) -> tuple[list[Message], str | None]:
+    """The JSON requests a streaming call's body holds, one after another."""
+    messages: list[Message] = []
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return [], f"invalid JSON: {exc}"
+    decoder = json.JSONDecoder()
+    position = 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            return messages, None
+        try:
+            document, position = decoder.raw_decode(text, position)
+        except ValueError as exc:
+            return [], f"invalid JSON: {exc}"
+        message = request_class()
+        problem = parse_request(json.dumps(document).encode(), message)
+        if problem is not None:
+            return [], problem
+        messages.append(message)
+
+
+def stream_route(method: Callable[[Any, Any], Any], request_class: type[Message]) -> Handler:
+    async def handle(request: HttpRequest) -> HttpResponse:
+        messages, problem = parse_requests(request.body, request_class)
+        if problem is not None:
+            return error_response(Status.INVALID_ARGUMENT, problem)
+
+        async def requests() -> Any:
+            for message in messages:
+                yield message
+
+        responses = method(requests(), GatewayCall(request))
+
+        async def body() -> Any:
+            try:
+                async for response in responses:
+                    yield b'{"result":' + to_json(response) + b"}\n"
+            except RpcError as error:
+                yield stream_error(error) + b"\n"
+            finally:
+                await responses.aclose()
+
+        return HttpResponse(200, body(), content_type=JSON, headers=list(SUCCESS_HEADERS))
+
+    return handle
+
+
+def stream_error(error: RpcError) -> bytes:
+    """grpc-gateway's error object inside a stream."""
+    status = HTTP_STATUS.get(error.status, 500)
+    document = {
+        "error": {
+            "grpc_code": int(error.status),
+            "http_code": status,
+            "message": error.message,
+            "http_status": HTTPStatus(status).phrase,
+        }
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
 def add_gateway_routes(router: Router, servicers: dict[str, object]) -> None:
     """Every unary route etcd's gateway has, onto the servicers the gRPC transport serves."""
     services: dict[str, ServiceDescriptor] = dict(rpc_pb2.DESCRIPTOR.services_by_name)
@@ -178,3 +254,11 @@ def add_gateway_routes(router: Router, servicers: dict[str, object]) -> None:
         handler = route(implementation, GetMessageClass(descriptor.input_type), GetMessageClass(descriptor.output_type))
         for prefix in PREFIXES:
             router.add("POST", prefix + path, handler)
+    for path, service, name in STREAM_ROUTES:
+        implementation = getattr(servicers.get(service), name, None)
+        if implementation is None:
+            continue
+        descriptor = services[service].methods_by_name[name]
+        streaming = stream_route(implementation, GetMessageClass(descriptor.input_type))
+        for prefix in PREFIXES:
+            router.add("POST", prefix + path, streaming)
