@@ -94,6 +94,22 @@ def test_kv_in_both_spellings(servers: Pair, prefix: str) -> None:
         ("/v3/cluster/member/remove", '{"ID":"5"}'),
         ("/v3/cluster/member/add", '{"peerURLs":["not a url"]}'),
         ("/v3alpha/kv/range", '{"key":"Zm9v"}'),
+        # Malformed bodies: Go's own words, as etcd's gateway passes them on.
+        ("/v3/kv/range", "{bad json"),
+        ("/v3/kv/range", "[1]"),
+        ("/v3/kv/range", '"text"'),
+        ("/v3/kv/range", "null"),
+        ("/v3/kv/range", '{"key":5}'),
+        ("/v3/kv/range", '{"key":"!!!"}'),
+        ("/v3/kv/range", '{"key":"Zm9v"} trailing'),
+        ("/v3/kv/range", '{"key":'),
+        ("/v3/kv/range", '{"key":"Zm9v",}'),
+        ("/v3/kv/range", '{"key":"Zm9v" "x"}'),
+        ("/v3/kv/range", '{"key":tru}'),
+        ("/v3/kv/range", '{"key":"Zm9v\\q"}'),
+        ("/v3/kv/range", '{"limit":-}'),
+        ("/v3/kv/txn", '{"success":[{"requestPut":{"key":7}}]}'),
+        ("/v3/kv/txn", '{"success":[{"requestPut":{"key":"a$b"}}]}'),
     ],
 )
 def test_errors(servers: Pair, path: str, body: str) -> None:

@@ -31,6 +31,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from pykine.services import gojson
 from pykine.services.encode import Encoded
 from pykine.transport.grpc import RpcError, Status
 from pykine.transport.http1 import HttpRequest, HttpResponse, Peer, Router
@@ -134,19 +135,52 @@ def error_response(status: Status, message: str) -> HttpResponse:
 
 
 def parse_request(body: bytes, message: Message) -> str | None:
-    """Fill `message` from JSON (proto or camelCase names, unknown fields ignored); the error, if any."""
-    if not body.strip():
-        return None
+    """Fill `message` from JSON (proto or camelCase names, unknown fields ignored); the error, if any.
+
+    Errors carry the texts Go gives, as etcd's gateway returns them (gojson.py).
+    """
     try:
-        document = json.JSONDecoder().raw_decode(body.decode("utf-8").lstrip())[0]
-    except (ValueError, UnicodeDecodeError) as exc:
-        return f"invalid JSON: {exc}"
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid character in string literal"
+    if not text.strip():
+        return None  # an empty body is an empty request, as with grpc-gateway
+    problem = gojson.syntax_error(text)
+    if problem is not None:
+        return problem
+    document = json.JSONDecoder().raw_decode(text.lstrip())[0]
+    if document is None:
+        return None
     if not isinstance(document, dict):
-        return f"json: cannot unmarshal {type(document).__name__} into an object"
+        return f"json: cannot unmarshal {gojson.json_type(document)} into Go value of type map[string]json.RawMessage"
+    problem = _bytes_problem(document, message.DESCRIPTOR)
+    if problem is not None:
+        return problem
     try:
         json_format.ParseDict(document, message, ignore_unknown_fields=True)
     except json_format.ParseError as exc:
         return str(exc)
+    return None
+
+
+def _bytes_problem(document: dict[str, Any], descriptor: Any) -> str | None:
+    """Go's error for a bytes field that is not base64 text, anywhere in the request."""
+    for field in descriptor.fields:
+        value = document.get(field.name, document.get(field.json_name))
+        if value is None:
+            continue
+        values = value if field.is_repeated and isinstance(value, list) else [value]
+        for item in values:
+            if field.type == field.TYPE_BYTES:
+                if not isinstance(item, str):
+                    return f"json: cannot unmarshal {gojson.json_type(item)} into Go value of type []uint8"
+                problem = gojson.base64_error(item)
+                if problem is not None:
+                    return problem
+            elif field.type == field.TYPE_MESSAGE and isinstance(item, dict):
+                problem = _bytes_problem(item, field.message_type)
+                if problem is not None:
+                    return problem
     return None
 
 
@@ -191,10 +225,10 @@ def parse_requests(body: bytes, request_class: type[Message]) -> tuple[list[Mess
             position += 1
         if position == len(text):
             return messages, None
-        try:
-            document, position = decoder.raw_decode(text, position)
-        except ValueError as exc:
-            return [], f"invalid JSON: {exc}"
+        problem = gojson.syntax_error(text[position:])
+        if problem is not None:
+            return [], problem
+        document, position = decoder.raw_decode(text, position)
         message = request_class()
         problem = parse_request(json.dumps(document).encode(), message)
         if problem is not None:
