@@ -145,10 +145,11 @@ def parse_request(body: bytes, message: Message) -> str | None:
         return "invalid character in string literal"
     if not text.strip():
         return None  # an empty body is an empty request, as with grpc-gateway
-    problem = gojson.syntax_error(text)
-    if problem is not None:
-        return problem
-    document = json.JSONDecoder().raw_decode(text.lstrip())[0]
+    try:
+        document = json.JSONDecoder(parse_constant=_not_json).raw_decode(text.lstrip())[0]
+    except ValueError:
+        # Only bad input pays for finding the error the way Go does.
+        return gojson.syntax_error(text) or "invalid JSON"
     if document is None:
         return None
     if not isinstance(document, dict):
@@ -161,6 +162,11 @@ def parse_request(body: bytes, message: Message) -> str | None:
     except json_format.ParseError as exc:
         return str(exc)
     return None
+
+
+def _not_json(name: str) -> Any:
+    """Python reads NaN and Infinity; JSON (and Go) do not."""
+    raise ValueError(name)
 
 
 def _bytes_problem(document: dict[str, Any], descriptor: Any) -> str | None:
