@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from pykine import __version__
 from pykine.backends.base import ConnectionOptions
+from pykine.durations import parse_duration
 from pykine.engine.tokens import TokenConfigError, load_jwt, parse_token_option
 from pykine.transport.tls import TlsConfigError, TlsFiles, build_context
 
@@ -42,8 +43,6 @@ KINE_FLAGS = {
 
 # Listen schemes that promise TLS.
 SECURE_SCHEMES = ("https://", "unixs://")
-
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(slots=True)
@@ -127,14 +126,10 @@ def _duration_or_zero(text: str) -> float:
 
 
 def _duration(text: str) -> float:
-    """Seconds from a Go-style duration such as 5s, 100ms or 1m30s."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
-    if not parts or "".join(number + unit for number, unit in parts) != text:
-        raise argparse.ArgumentTypeError(f"not a duration (like 5s or 100ms): {text!r}")
-    seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return seconds
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

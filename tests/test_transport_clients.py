@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import certs
 import grpc
 import h2.config
 import h2.connection
@@ -153,36 +154,6 @@ def test_a_thousand_connections_at_once(pykine: PykineServer) -> None:
             sock.close()
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "server.crt", directory / "server.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 def test_tls_with_alpn_serves_grpc_and_http(tmp_path: Path) -> None:
     """The transport on TLS: ALPN h2 for gRPC (grpcio), http/1.1 for the routes (curl), one port."""
     import asyncio
@@ -192,10 +163,12 @@ def test_tls_with_alpn_serves_grpc_and_http(tmp_path: Path) -> None:
     from pykine.transport.http1 import HttpRequest, HttpResponse, Router
     from pykine.transport.server import Server
 
-    cert, key = make_certificate(tmp_path)
+    authority = certs.Authority(str(tmp_path), "alpn")
+    pair = authority.issue("server", "localhost", server=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(pair.cert, pair.key)
     context.set_alpn_protocols(["h2", "http/1.1"])
+    cert = Path(authority.cert)
 
     async def echo(request: bytes, call: Call) -> pb.RangeResponse:
         return pb.RangeResponse(count=len(pb.RangeRequest.FromString(request).key))

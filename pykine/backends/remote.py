@@ -28,7 +28,7 @@ import contextlib
 import logging
 import random
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from pykine.backends.base import Backend, BackendError, ConnectionOptions, DocumentChange, Plan
@@ -64,6 +64,7 @@ from pykine.engine.records import (
 )
 
 T = TypeVar("T")
+R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 # A batch that lost a deadlock or serialization race is rolled back; its plan is pure, so it runs again.
@@ -233,20 +234,28 @@ class RemoteSQLBackend(Backend):
 
     async def commit(self, reads: ReadSet, plan: Plan[T]) -> tuple[WriteSet, T]:
         """Lock the revision row first: commits then follow revision order across instances."""
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+
+        async def attempt() -> tuple[WriteSet, T]:
+            async with self._writer_lock, self._write_session() as session:
+                snapshot = await self._snapshot(session, reads, self.SQL.lock_revisions)
+                write_set, outcome = plan(snapshot)
+                statements = write_statements(self.SQL, snapshot, write_set)
+                if write_set.revision != snapshot.revision:
+                    statements += self._commit_notice(write_set.revision)
+                await session.execute_all(statements)
+            return write_set, outcome
+
+        return await self._retrying(attempt, "write batch")
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[R]], what: str) -> R:
+        """Run a transaction again when it lost a deadlock or serialization race (it was rolled back)."""
+        for number in range(1, COMMIT_ATTEMPTS + 1):
             try:
-                async with self._writer_lock, self._write_session() as session:
-                    snapshot = await self._snapshot(session, reads, self.SQL.lock_revisions)
-                    write_set, outcome = plan(snapshot)
-                    statements = write_statements(self.SQL, snapshot, write_set)
-                    if write_set.revision != snapshot.revision:
-                        statements += self._commit_notice(write_set.revision)
-                    await session.execute_all(statements)
-                return write_set, outcome
+                return await attempt()
             except Exception as exc:
-                if attempt == COMMIT_ATTEMPTS or not self._is_retryable(exc):
+                if number == COMMIT_ATTEMPTS or not self._is_retryable(exc):
                     raise
-                log.info("write batch lost a lock race, running it again: %s", exc)
+                log.info("%s lost a lock race, running it again: %s", what, exc)
         raise AssertionError("unreachable")
 
     # -- leases -------------------------------------------------------------------------------
@@ -319,21 +328,18 @@ class RemoteSQLBackend(Backend):
         return (int(rows[0][0]), bytes(rows[0][1])) if rows else (0, b"")
 
     async def update_document(self, name: str, change: DocumentChange) -> tuple[int, bytes]:
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                async with self._write_session() as session:
-                    await session.execute(self.SQL.insert_document, (name, b""))
-                    row = (await session.rows(self.SQL.lock_document, (name,)))[0]
-                    revision, value = int(row[0]), bytes(row[1])
-                    new = change(value)
-                    if new is None:
-                        return revision, value
-                    await session.execute(self.SQL.set_document, (revision + 1, new, name))
-                    return revision + 1, new
-            except Exception as exc:
-                if attempt == COMMIT_ATTEMPTS or not self._is_retryable(exc):
-                    raise
-        raise AssertionError("unreachable")
+        async def attempt() -> tuple[int, bytes]:
+            async with self._write_session() as session:
+                await session.execute(self.SQL.insert_document, (name, b""))
+                row = (await session.rows(self.SQL.lock_document, (name,)))[0]
+                revision, value = int(row[0]), bytes(row[1])
+                new = change(value)
+                if new is None:
+                    return revision, value
+                await session.execute(self.SQL.set_document, (revision + 1, new, name))
+                return revision + 1, new
+
+        return await self._retrying(attempt, "a document change")
 
     async def leave(self, member_id: int) -> None:
         async with self._single() as session:

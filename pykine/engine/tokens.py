@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pykine.backends.base import Backend
+from pykine.durations import parse_duration
 from pykine.engine.errors import UnavailableError
 
 TOKEN_DOCUMENT = "auth-tokens"
@@ -214,18 +215,13 @@ def load_jwt(settings: dict[str, str]) -> JwtTokens:
     assert verify is not None
     ttl = DEFAULT_TTL
     if "ttl" in settings:
-        ttl = _duration(settings["ttl"])
+        try:
+            ttl = parse_duration(settings["ttl"])
+        except ValueError as exc:
+            raise TokenConfigError(f"--auth-token jwt: ttl: {exc}") from None
     tokens = JwtTokens(method, verify, sign, ttl)
     _check_keys(tokens)
     return tokens
-
-
-def _duration(text: str) -> float:
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for unit in ("ms", "s", "m", "h"):
-        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
-            return float(text[: -len(unit)]) * units[unit]
-    raise TokenConfigError(f"--auth-token jwt: ttl must be a duration like 5m, got {text!r}")
 
 
 def _check_keys(tokens: JwtTokens) -> None:

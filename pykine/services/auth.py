@@ -263,18 +263,13 @@ async def check_lease_revoke(engine: Engine, call: Call, lease_id: int) -> None:
     await _lease_keys_writable(engine, await caller(engine.auth, call), lease_id)
 
 
-async def check_admin_unmapped(engine: Engine, call: Call) -> None:
-    """Hash, HashKV, Defragment: root, with the auth package's errors as etcd 3.4 returns them."""
+async def check_unmapped(engine: Engine, call: Call, admin: bool) -> None:
+    """Hash, HashKV, Defragment (root) and Alarm (a valid token, if one is sent): with the auth
+    package's own errors, as etcd 3.4 returns them."""
     try:
-        engine.auth.check_admin(await caller(engine.auth, call))
-    except AuthError as error:
-        raise unmapped(error) from None
-
-
-async def check_token_unmapped(engine: Engine, call: Call) -> None:
-    """Alarm: no permission is needed, but a token sent must be valid (unmapped error)."""
-    try:
-        await caller(engine.auth, call)
+        info = await caller(engine.auth, call)
+        if admin:
+            engine.auth.check_admin(info)
     except AuthError as error:
         raise unmapped(error) from None
 

@@ -52,7 +52,7 @@ class MaintenanceService:
         stored like any type, and the response carries no header.
         """
         if auth.needs_check(self.engine, call):
-            await auth.check_token_unmapped(self.engine, call)
+            await auth.check_unmapped(self.engine, call, admin=False)
         alarms = self.engine.alarms
         wanted = (request.memberID, request.alarm)
         if request.action == rpc_pb2.AlarmRequest.GET:
@@ -74,7 +74,7 @@ class MaintenanceService:
     async def Hash(self, request: rpc_pb2.HashRequest, call: Call) -> rpc_pb2.HashResponse:
         """A digest of the live keys (engine/hashing.py); not etcd's bbolt-page hash."""
         if auth.needs_check(self.engine, call):
-            await auth.check_admin_unmapped(self.engine, call)
+            await auth.check_unmapped(self.engine, call, admin=True)
         result = await self.engine.hash_state()
         return rpc_pb2.HashResponse(header=self.identity.header(result.current_revision), hash=result.hash)
 
@@ -82,7 +82,7 @@ class MaintenanceService:
     async def HashKV(self, request: rpc_pb2.HashKVRequest, call: Call) -> rpc_pb2.HashKVResponse:
         """A digest of every key revision up to `revision` above the compact revision (engine/hashing.py)."""
         if auth.needs_check(self.engine, call):
-            await auth.check_admin_unmapped(self.engine, call)
+            await auth.check_unmapped(self.engine, call, admin=True)
         result = await self.engine.hash_kv(request.revision)
         return rpc_pb2.HashKVResponse(
             header=self.identity.header(result.current_revision),
@@ -102,7 +102,7 @@ class MaintenanceService:
     async def Defragment(self, request: rpc_pb2.DefragmentRequest, call: Call) -> rpc_pb2.DefragmentResponse:
         """VACUUM the SQLite file; like etcd 3.4, the answer carries no header."""
         if auth.needs_check(self.engine, call):
-            await auth.check_admin_unmapped(self.engine, call)
+            await auth.check_unmapped(self.engine, call, admin=True)
         await self.engine.defragment()
         return rpc_pb2.DefragmentResponse()
 
