@@ -137,7 +137,9 @@ async def serve(settings: Settings) -> None:
 
     registry = Registry()
     router = Router()
-    limits = ServerLimits(calls=CallLimits(max_receive_message=MAX_RECEIVE_BYTES))
+    # Gateway bodies may be well past the gRPC limit (base64, JSON): read them, so that the limit's
+    # own error answers, as etcd's gateway (which reads any body) does.
+    limits = ServerLimits(calls=CallLimits(max_receive_message=MAX_RECEIVE_BYTES), http_body=8 * MAX_RECEIVE_BYTES)
     server = Server(registry, router, limits)
     metrics_server: Server | None = None
     try:
@@ -163,7 +165,7 @@ async def serve(settings: Settings) -> None:
     health = HealthService()
     servicers = register_services(registry, engine, identity, settings, health)
     add_http_routes(router, engine, settings.emulated_etcd_version)
-    add_gateway_routes(router, servicers)
+    add_gateway_routes(router, servicers, MAX_RECEIVE_BYTES)
     await server.start()
     if metrics_server is not None:
         await metrics_server.start()

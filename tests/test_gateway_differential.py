@@ -8,49 +8,16 @@ camelCase).
 
 from __future__ import annotations
 
+import base64
 import json
-import urllib.error
-import urllib.request
-from typing import Any
+import socket
 
 import pytest
-from harness import Pair, Server
+from gatewayhttp import both_streams, post, same, same_lines
+from harness import Pair
 
-IDS = ("cluster_id", "member_id", "raft_term")
-
-
-def post(server: Server, path: str, body: str | bytes, token: str | None = None, method: str = "POST") -> Any:
-    data = body.encode() if isinstance(body, str) else body
-    request = urllib.request.Request(f"http://{server.address}{path}", data=data, method=method)
-    if token is not None:
-        request.add_header("Authorization", token)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, answer.headers.get("Content-Type"), answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers.get("Content-Type"), error.read()
-
-
-def blank(document: Any, extra: tuple[str, ...] = ()) -> Any:
-    """The document with ids (and `extra` fields) blanked, wherever they appear."""
-    if isinstance(document, dict):
-        return {key: ("*" if key in IDS + extra else blank(value, extra)) for key, value in document.items()}
-    if isinstance(document, list):
-        return [blank(item, extra) for item in document]
-    return document
-
-
-def same(servers: Pair, path: str, body: str, extra: tuple[str, ...] = (), token: tuple[str, str] | None = None) -> Any:
-    """One request to both gateways; the answers must agree. Returns pykine's document."""
-    want = post(servers.etcd, path, body, token[0] if token else None)
-    got = post(servers.pykine, path, body, token[1] if token else None)
-    assert (got[0], got[1]) == (want[0], want[1]), f"{path} {body}: etcd {want}, pykine {got}"
-    if want[1] == "application/json":
-        expected, actual = blank(json.loads(want[2]), extra), blank(json.loads(got[2]), extra)
-        assert actual == expected, f"{path} {body}\n--- etcd: {want[2]!r}\n--- pykine: {got[2]!r}"
-        return json.loads(got[2])
-    assert got[2] == want[2], f"{path}: etcd {want[2]!r}, pykine {got[2]!r}"
-    return None
+# etcd's gRPC receive limit: --max-request-bytes (1.5 MiB) and 512 KiB more for the envelope.
+MAX_RECEIVE_BYTES = 2 << 20
 
 
 @pytest.mark.parametrize("prefix", ["/v3", "/v3beta"])
@@ -110,6 +77,82 @@ def test_kv_in_both_spellings(servers: Pair, prefix: str) -> None:
         ("/v3/kv/range", '{"limit":-}'),
         ("/v3/kv/txn", '{"success":[{"requestPut":{"key":7}}]}'),
         ("/v3/kv/txn", '{"success":[{"requestPut":{"key":"a$b"}}]}'),
+        # Wrong types and values, as golang/protobuf's jsonpb over encoding/json words them (jsonpb.py).
+        ("/v3/kv/range", '{"key":"YQ==","limit":"x"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":true}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"1.5"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":1.5}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":[1]}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":{}}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"99999999999999999999"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":" 5"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"5 "}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"0x10"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"1e3"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":1e3}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":""}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"-"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"\\"5\\""}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"null"}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":-5}'),
+        ("/v3/kv/range", '{"key":"YQ==","keys_only":"true"}'),
+        ("/v3/kv/range", '{"key":"YQ==","keys_only":1}'),
+        ("/v3/kv/range", '{"key":"YQ==","sort_order":"NOPE"}'),
+        ("/v3/kv/range", '{"key":"YQ==","sort_order":"7"}'),
+        ("/v3/kv/range", '{"key":"YQ==","sort_order":true}'),
+        ("/v3/kv/range", '{"key":"YQ==","sort_order":1.5}'),
+        ("/v3/kv/range", '{"key":"YQ==","sort_order":99999999999}'),
+        ("/v3/kv/range", '{"key":"YQ==","serializable":null}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":null}'),
+        ("/v3/kv/range", '{"key":["YQ=="]}'),
+        ("/v3/kv/range", '{"key":[97,98]}'),
+        ("/v3/kv/range", '{"key":[97,300]}'),
+        ("/v3/kv/range", '{"key":[97,1.5]}'),
+        ("/v3/kv/range", '{"key":"YQ"}'),
+        ("/v3/kv/range", '{"key":"YQ="}'),
+        ("/v3/kv/range", '{"key":"YQ==x"}'),
+        ("/v3/kv/range", '{"key":"Y"}'),
+        ("/v3/kv/range", '{"key":"YQ=\\n="}'),
+        ("/v3/kv/range", '{"key":"Y==="}'),
+        ("/v3/kv/range", '{"key":"YQ==\\r\\n"}'),
+        ("/v3/kv/range", '{"key":"YWJj\\nZGVm"}'),
+        ("/v3/kv/range", '{"key":"YWJ"}'),
+        ("/v3/kv/range", '{"key":"YWJjZA="}'),
+        ("/v3/kv/range", '{"key":"=YWJ"}'),
+        ("/v3/kv/range", '{"key":"YW=="}'),
+        ("/v3/kv/range", '{"key":""}'),
+        ("/v3/kv/range", '{"key":"é"}'),
+        ("/v3/kv/txn", '{"compare":"x"}'),
+        ("/v3/kv/txn", '{"compare":[{"key":"YQ==","target":"NOPE"}]}'),
+        ("/v3/kv/txn", '{"compare":[5]}'),
+        ("/v3/kv/txn", '{"compare":[{"key":"YQ==","result":"EQUAL","target":"VERSION","version":"x"}]}'),
+        ("/v3/kv/txn", '{"success":[{"request_put":{"key":"YQ==","value":5}}]}'),
+        ("/v3/kv/txn", '{"success":{"request_put":{}}}'),
+        ("/v3/kv/put", '{"key":"YQ==","value":"Yg==","lease":"abc"}'),
+        ("/v3/kv/put", '{"key":"YQ==","value":"Yg==","prev_kv":"yes"}'),
+        ("/v3/lease/grant", '{"TTL":"ten"}'),
+        ("/v3/lease/revoke", '{"ID":"1.0"}'),
+        ("/v3/cluster/member/remove", '{"ID":-1}'),
+        ("/v3/cluster/member/remove", '{"ID":"-1"}'),
+        ("/v3/cluster/member/add", '{"peerURLs":"http://x"}'),
+        ("/v3/cluster/member/add", '{"peerURLs":[5]}'),
+        ("/v3/cluster/member/add", '{"peerURLs":["http://127.0.0.1:1"],"isLearner":"true"}'),
+        ("/v3/maintenance/alarm", '{"action":"NOPE"}'),
+        ("/v3/maintenance/alarm", '{"action":"GET","alarm":"NOPE"}'),
+        ("/v3/auth/role/grant", '{"name":"r","perm":{"permType":"NOPE"}}'),
+        ("/v3/auth/role/grant", '{"name":"r","perm":"x"}'),
+        ("/v3/watch", '{"create_request":{"key":"YQ==","filters":["NOPE"]}}'),
+        ("/v3/watch", '{"create_request":{"key":"YQ==","filters":"NOPUT"}}'),
+        ("/v3/watch", '{"create_request":{"key":"YQ==","start_revision":"x"}}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":NaN}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":01}'),
+        ("/v3/kv/range", '{"key":"YQ==","limit":"01"}'),
+        # A streaming call's first request that is not one: the decoder's error, gRPC code Unknown.
+        ("/v3/watch", "{bad"),
+        ("/v3/watch", "[1]"),
+        ("/v3/watch", '{"create_request":{"key":5}}'),
+        ("/v3/lease/keepalive", '{"ID":5'),
+        ("/v3/lease/keepalive", '{"ID":"x"}'),
     ],
 )
 def test_errors(servers: Pair, path: str, body: str) -> None:
@@ -193,33 +236,6 @@ def test_auth_with_the_authorization_header(servers: Pair) -> None:
             post(server, "/v3/auth/user/delete", '{"name":"root"}')
 
 
-class Stream:
-    """A streaming gateway call: its answer lines, read as they come."""
-
-    def __init__(self, server: Server, path: str, body: str) -> None:
-        request = urllib.request.Request(f"http://{server.address}{path}", data=body.encode(), method="POST")
-        self.answer = urllib.request.urlopen(request, timeout=30)
-
-    def lines(self, count: int) -> list[Any]:
-        return [json.loads(self.answer.readline()) for _ in range(count)]
-
-    def close(self) -> None:
-        self.answer.close()
-
-
-def both_streams(servers: Pair, path: str, body: str) -> tuple[Stream, Stream]:
-    return Stream(servers.etcd, path, body), Stream(servers.pykine, path, body)
-
-
-def same_lines(streams: tuple[Stream, Stream], count: int, unordered: bool = False) -> None:
-    """The next `count` lines agree; `unordered`: as sets (one event reaching several watchers of a
-    stream comes in one response per watcher, in an order etcd does not fix)."""
-    want, got = ([blank(line) for line in stream.lines(count)] for stream in streams)
-    if unordered:
-        want, got = (sorted(lines, key=lambda line: json.dumps(line, sort_keys=True)) for lines in (want, got))
-    assert got == want, f"\n--- etcd: {want}\n--- pykine: {got}"
-
-
 def test_watch_stream(servers: Pair) -> None:
     """Created, events with prev_kv, a NOPUT filter on a second watch of the stream, progress, one JSON line each."""
     body = (
@@ -262,6 +278,27 @@ def test_watch_progress(servers: Pair) -> None:
             stream.close()
 
 
+def test_stream_ignores_requests_after_a_bad_one(servers: Pair) -> None:
+    """grpc-gateway stops reading a stream's requests at the first bad one, and keeps the stream."""
+    same(servers, "/v3/lease/grant", '{"TTL":"60","ID":"97"}')
+    streams = both_streams(servers, "/v3/lease/keepalive", '{"ID":"97"} {"ID":x} {"ID":"97"}')
+    try:
+        same_lines(streams, 1)
+        assert [stream.answer.readline() for stream in streams] == [b"", b""]  # ended with the good request
+    finally:
+        for stream in streams:
+            stream.close()
+    streams = both_streams(servers, "/v3/watch", '{"create_request":{"key":"Yg=="}} {"nope" {"create_request":{}}')
+    try:
+        same_lines(streams, 1)  # created; the watch stays
+        same(servers, "/v3/kv/put", '{"key":"Yg==","value":"MQ=="}')
+        same_lines(streams, 1)
+    finally:
+        for stream in streams:
+            stream.close()
+    same(servers, "/v3/lease/revoke", '{"ID":"97"}')
+
+
 def test_keepalive_stream(servers: Pair) -> None:
     same(servers, "/v3/lease/grant", '{"TTL":"60","ID":"99"}')
     for path in ("/v3/lease/keepalive", "/v3beta/lease/keepalive"):
@@ -273,3 +310,23 @@ def test_keepalive_stream(servers: Pair) -> None:
             for stream in streams:
                 stream.close()
     same(servers, "/v3/lease/revoke", '{"ID":"99"}')
+
+
+@pytest.mark.parametrize("size", [1_400_000, 1_600_000, 2_200_000, 5_000_000])
+def test_oversized_requests(servers: Pair, size: int) -> None:
+    """Up to 1.5 MiB a put is served; past it etcd refuses it; past gRPC's 2 MiB the gRPC limit's words answer."""
+    value = base64.b64encode(b"x" * size).decode()
+    same(servers, "/v3/kv/put", json.dumps({"key": "YmlnCg==", "value": value}))
+    same(servers, "/v3/kv/deleterange", '{"key":"YmlnCg=="}')
+
+
+def test_body_past_the_http_limit(servers: Pair) -> None:
+    """etcd reads any body; pykine stops at 8 times the gRPC limit, answers 413 and closes (its clients see
+    a reset connection if they are still sending), and goes on serving everyone else."""
+    host, port = servers.pykine.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
+        sock.sendall(b"x" * (8 * MAX_RECEIVE_BYTES + 1))  # all of it is read: the close is clean
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    same(servers, "/v3/kv/range", '{"key":"YmlnCg=="}')

@@ -17,12 +17,23 @@ Streaming calls (`watch`, `lease/keepalive`) take a body of one or more JSON
 requests and answer with one `{"result":…}` line per message, sent as it
 happens (chunked). A watch stays open after the requests end, until the
 client goes; a keep-alive stream ends with its requests, as over gRPC.
+
+To send more requests on an open stream, a client upgrades the route to a
+WebSocket, as etcd's websocket proxy allows: the messages it sends form the
+request stream (one JSON value may span messages, one message may hold
+several), and each answer comes back as one text message. As in etcd, a bad
+first request is answered with an error and the end of the stream; a bad
+later one ends only the requests. etcd's proxy forwards no token (it turns
+`Sec-WebSocket-Protocol: Bearer, <token>` into `Authorization: Bearer
+<token>`, which etcd refuses), so auth cannot work there; pykine takes the
+token from the `Authorization` header, that subprotocol, or a `token` cookie.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -31,10 +42,11 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from pykine.services import gojson
+from pykine.services import gojson, jsonpb
 from pykine.services.encode import Encoded
-from pykine.transport.grpc import RpcError, Status
+from pykine.transport.grpc import RpcError, Status, too_large
 from pykine.transport.http1 import HttpRequest, HttpResponse, Peer, Router
+from pykine.transport.websocket import WebSocket
 from pykine.wire import rpc_pb2
 
 PREFIXES = ("/v3/", "/v3beta/")
@@ -109,17 +121,37 @@ SUCCESS_HEADERS = [("Grpc-Metadata-Content-Type", "application/grpc")]
 class GatewayCall:
     """What a servicer may ask of its call, answered from the HTTP request."""
 
-    def __init__(self, request: HttpRequest) -> None:
+    def __init__(self, request: HttpRequest, token: str | None = None) -> None:
         self._headers = request.headers
+        self._token = token
         self.peer: Peer = request.peer
 
     def header(self, *names: bytes) -> str | None:
         """gRPC metadata the gateway forwards: the `Authorization` header is etcd's token."""
+        if self._token is not None and (b"token" in names or b"authorization" in names):
+            return self._token
         wanted = {b"authorization" if name == b"token" else name for name in names}
         for name, value in self._headers:
             if name.lower() in wanted:
                 return value.decode("latin-1")
         return None
+
+
+def websocket_token(request: HttpRequest) -> str | None:
+    """A WebSocket client's token: the `Authorization` header, a `Bearer, <token>` subprotocol, or a `token` cookie."""
+    found: dict[bytes, str] = {}
+    for name, value in request.headers:
+        found.setdefault(name.lower(), value.decode("latin-1"))
+    if token := found.get(b"authorization"):
+        return token
+    protocol, _, token = found.get(b"sec-websocket-protocol", "").partition("Bearer,")
+    if token.strip() and not protocol.strip():
+        return token.strip()
+    for cookie in found.get(b"cookie", "").split(";"):
+        name, _, value = cookie.strip().partition("=")
+        if name == "token" and value:
+            return value
+    return None
 
 
 def to_json(message: Message) -> bytes:
@@ -137,77 +169,52 @@ def error_response(status: Status, message: str) -> HttpResponse:
 def parse_request(body: bytes, message: Message) -> str | None:
     """Fill `message` from JSON (proto or camelCase names, unknown fields ignored); the error, if any.
 
-    Errors carry the texts Go gives, as etcd's gateway returns them (gojson.py).
+    Errors carry the texts Go gives, as etcd's gateway returns them (gojson.py, jsonpb.py).
     """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return "invalid character in string literal"
+    text = body.decode("utf-8", "replace")  # Go takes invalid UTF-8 in strings as U+FFFD
     if not text.strip():
         return None  # an empty body is an empty request, as with grpc-gateway
     try:
-        document = json.JSONDecoder(parse_constant=_not_json).raw_decode(text.lstrip())[0]
+        document = jsonpb.DECODER.raw_decode(text.lstrip())[0]
     except ValueError:
         # Only bad input pays for finding the error the way Go does.
         return gojson.syntax_error(text) or "invalid JSON"
-    if document is None:
-        return None
-    if not isinstance(document, dict):
-        return f"json: cannot unmarshal {gojson.json_type(document)} into Go value of type map[string]json.RawMessage"
-    problem = _bytes_problem(document, message.DESCRIPTOR)
-    if problem is not None:
-        return problem
-    try:
-        json_format.ParseDict(document, message, ignore_unknown_fields=True)
-    except json_format.ParseError as exc:
-        return str(exc)
-    return None
-
-
-def _not_json(name: str) -> Any:
-    """Python reads NaN and Infinity; JSON (and Go) do not."""
-    raise ValueError(name)
-
-
-def _bytes_problem(document: dict[str, Any], descriptor: Any) -> str | None:
-    """Go's error for a bytes field that is not base64 text, anywhere in the request."""
-    for field in descriptor.fields:
-        value = document.get(field.name, document.get(field.json_name))
-        if value is None:
-            continue
-        values = value if field.is_repeated and isinstance(value, list) else [value]
-        for item in values:
-            if field.type == field.TYPE_BYTES:
-                if not isinstance(item, str):
-                    return f"json: cannot unmarshal {gojson.json_type(item)} into Go value of type []uint8"
-                problem = gojson.base64_error(item)
-                if problem is not None:
-                    return problem
-            elif field.type == field.TYPE_MESSAGE and isinstance(item, dict):
-                problem = _bytes_problem(item, field.message_type)
-                if problem is not None:
-                    return problem
-    return None
+    return jsonpb.fill(document, message)
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
 
-def route(method: Callable[[Any, Any], Awaitable[Any]], request_class: type[Message], response_class: Any) -> Handler:
+def route(
+    method: Callable[[Any, Any], Awaitable[Any]], request_class: type[Message], response_class: Any, max_message: int
+) -> Handler:
     async def handle(request: HttpRequest) -> HttpResponse:
         message = request_class()
         problem = parse_request(request.body, message)
         if problem is not None:
             return error_response(Status.INVALID_ARGUMENT, problem)
-        try:
-            response = await method(message, GatewayCall(request))
-        except RpcError as error:
-            return error_response(error.status, error.message)
-        if isinstance(response, Encoded):  # KV.Range answers pre-encoded bytes for gRPC
-            response = response_class.FromString(bytes(response))
-        return HttpResponse(200, to_json(response), content_type=JSON, headers=list(SUCCESS_HEADERS))
+        return await unary_call(method, message, GatewayCall(request), response_class, max_message)
 
     return handle
+
+
+async def unary_call(
+    method: Callable[[Any, Any], Awaitable[Any]],
+    message: Message,
+    call: GatewayCall,
+    response_class: Any,
+    max_message: int,
+) -> HttpResponse:
+    size = message.ByteSize()
+    if size > max_message:  # etcd's gateway passes the request on over gRPC, whose limit then answers
+        return error_response(Status.RESOURCE_EXHAUSTED, too_large(size, max_message))
+    try:
+        response = await method(message, call)
+    except RpcError as error:
+        return error_response(error.status, error.message)
+    if isinstance(response, Encoded):  # KV.Range answers pre-encoded bytes for gRPC
+        response = response_class.FromString(bytes(response))
+    return HttpResponse(200, to_json(response), content_type=JSON, headers=list(SUCCESS_HEADERS))
 
 
 # Streaming routes: (path, service, method).
@@ -217,53 +224,138 @@ STREAM_ROUTES: list[tuple[str, str, str]] = [
 ]
 
 
-def parse_requests(body: bytes, request_class: type[Message]) -> tuple[list[Message], str | None]:
-    """The JSON requests a streaming call's body holds, one after another."""
-    messages: list[Message] = []
+class RequestReader:
+    """Requests read one JSON value at a time from arriving bytes, as Go's json.Decoder reads a stream."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], request_class: type[Message]) -> None:
+        self._chunks = chunks
+        self._request_class = request_class
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._text = ""
+        self._ended = False
+
+    async def next(self) -> Message | None:
+        """The next request, or None once the input ends; ValueError (Go's words) for a bad one."""
+        while True:
+            text = self._text = self._text.lstrip()
+            if text:
+                end = gojson.value_end(text)
+                complete = isinstance(end, int) and (end < len(text) or self._ended or text[0] in '{["tfn')
+                if complete:
+                    assert isinstance(end, int)
+                    self._text = text[end:]
+                    message = self._request_class()
+                    problem = jsonpb.fill(jsonpb.DECODER.decode(text[:end]), message)
+                    if problem is not None:
+                        raise ValueError(problem)
+                    return message
+                if isinstance(end, str) and (end != "unexpected EOF" or self._ended):
+                    raise ValueError(end)
+            elif self._ended:
+                return None
+            chunk = await anext(self._chunks, None)
+            if chunk is None:
+                self._text += self._utf8.decode(b"", final=True)
+                self._ended = True
+            else:
+                self._text += self._utf8.decode(chunk)
+
+    async def rest(self, first: Message) -> AsyncIterator[Message]:
+        """`first`, then the requests after it, up to the end or the first bad one (which etcd ignores)."""
+        yield first
+        while True:
+            try:
+                message = await self.next()
+            except ValueError:
+                return
+            if message is None:
+                return
+            yield message
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _lines(socket: WebSocket) -> AsyncIterator[bytes]:
+    """A WebSocket's messages as the request body etcd's websocket proxy makes of them."""
+    async for message in socket.messages():
+        yield message + b"\n"
+
+
+async def _no_requests() -> AsyncIterator[Message]:
+    return
+    yield
+
+
+async def _results(responses: Any) -> AsyncIterator[bytes]:
+    """A streaming call's answers, one `{"result":…}` JSON line each, or the error that ended it."""
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return [], f"invalid JSON: {exc}"
-    decoder = json.JSONDecoder()
-    position = 0
-    while True:
-        while position < len(text) and text[position].isspace():
-            position += 1
-        if position == len(text):
-            return messages, None
-        problem = gojson.syntax_error(text[position:])
-        if problem is not None:
-            return [], problem
-        document, position = decoder.raw_decode(text, position)
-        message = request_class()
-        problem = parse_request(json.dumps(document).encode(), message)
-        if problem is not None:
-            return [], problem
-        messages.append(message)
+        async for response in responses:
+            yield b'{"result":' + to_json(response) + b"}\n"
+    except RpcError as error:
+        yield stream_error(error) + b"\n"
+    finally:
+        await responses.aclose()
+
+
+async def open_stream(reader: RequestReader, method: Callable[[Any, Any], Any], call: GatewayCall) -> Any:
+    """The call's answers as JSON lines, or the error response for a first request that is not one."""
+    try:
+        first = await reader.next()
+    except ValueError as problem:
+        # grpc-gateway passes the decoder's error on as it is: gRPC code Unknown.
+        return error_response(Status.UNKNOWN, str(problem))
+    requests = _no_requests() if first is None else reader.rest(first)
+    return _results(method(requests, call))
 
 
 def stream_route(method: Callable[[Any, Any], Any], request_class: type[Message]) -> Handler:
     async def handle(request: HttpRequest) -> HttpResponse:
-        messages, problem = parse_requests(request.body, request_class)
-        if problem is not None:
-            return error_response(Status.INVALID_ARGUMENT, problem)
+        answers = await open_stream(RequestReader(_one(request.body), request_class), method, GatewayCall(request))
+        if isinstance(answers, HttpResponse):
+            return answers
+        return HttpResponse(200, answers, content_type=JSON, headers=list(SUCCESS_HEADERS))
 
-        async def requests() -> Any:
-            for message in messages:
-                yield message
+    return handle
 
-        responses = method(requests(), GatewayCall(request))
 
-        async def body() -> Any:
-            try:
-                async for response in responses:
-                    yield b'{"result":' + to_json(response) + b"}\n"
-            except RpcError as error:
-                yield stream_error(error) + b"\n"
-            finally:
-                await responses.aclose()
+WebSocketHandler = Callable[[HttpRequest, WebSocket], Awaitable[None]]
 
-        return HttpResponse(200, body(), content_type=JSON, headers=list(SUCCESS_HEADERS))
+
+def stream_socket(method: Callable[[Any, Any], Any], request_class: type[Message]) -> WebSocketHandler:
+    """A streaming route over a WebSocket: requests as messages, each answer a text message."""
+
+    async def handle(request: HttpRequest, socket: WebSocket) -> None:
+        reader = RequestReader(_lines(socket), request_class)
+        answers = await open_stream(reader, method, GatewayCall(request, websocket_token(request)))
+        if isinstance(answers, HttpResponse):
+            assert isinstance(answers.body, bytes)
+            await socket.send(answers.body)
+            return
+        async for line in answers:
+            await socket.send(line[:-1])
+
+    return handle
+
+
+def unary_socket(
+    method: Callable[[Any, Any], Awaitable[Any]], request_class: type[Message], response_class: Any, max_message: int
+) -> WebSocketHandler:
+    """A unary route over a WebSocket, as etcd's proxy serves it: the first message's answer, then goodbye."""
+
+    async def handle(request: HttpRequest, socket: WebSocket) -> None:
+        try:
+            message = await RequestReader(_lines(socket), request_class).next()
+        except ValueError as problem:
+            response = error_response(Status.INVALID_ARGUMENT, str(problem))
+        else:
+            if message is None:
+                return
+            call = GatewayCall(request, websocket_token(request))
+            response = await unary_call(method, message, call, response_class, max_message)
+        assert isinstance(response.body, bytes)
+        await socket.send(response.body)
 
     return handle
 
@@ -282,8 +374,11 @@ def stream_error(error: RpcError) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def add_gateway_routes(router: Router, servicers: dict[str, object]) -> None:
-    """Every unary route etcd's gateway has, onto the servicers the gRPC transport serves."""
+def add_gateway_routes(router: Router, servicers: dict[str, object], max_message: int) -> None:
+    """Every route etcd's gateway has, onto the servicers the gRPC transport serves.
+
+    `max_message` is the gRPC transport's limit on a request, which etcd's gateway requests meet too.
+    """
     services: dict[str, ServiceDescriptor] = dict(rpc_pb2.DESCRIPTOR.services_by_name)
     for path, service, name in ROUTES:
         servicer = servicers.get(service)
@@ -291,14 +386,20 @@ def add_gateway_routes(router: Router, servicers: dict[str, object]) -> None:
         if implementation is None:
             continue
         descriptor = services[service].methods_by_name[name]
-        handler = route(implementation, GetMessageClass(descriptor.input_type), GetMessageClass(descriptor.output_type))
+        request_class = GetMessageClass(descriptor.input_type)
+        response_class = GetMessageClass(descriptor.output_type)
+        handler = route(implementation, request_class, response_class, max_message)
+        socket_handler = unary_socket(implementation, request_class, response_class, max_message)
         for prefix in PREFIXES:
             router.add("POST", prefix + path, handler)
+            router.add_websocket(prefix + path, socket_handler)
     for path, service, name in STREAM_ROUTES:
         implementation = getattr(servicers.get(service), name, None)
         if implementation is None:
             continue
-        descriptor = services[service].methods_by_name[name]
-        streaming = stream_route(implementation, GetMessageClass(descriptor.input_type))
+        request_class = GetMessageClass(services[service].methods_by_name[name].input_type)
+        streaming = stream_route(implementation, request_class)
+        socket_handler = stream_socket(implementation, request_class)
         for prefix in PREFIXES:
             router.add("POST", prefix + path, streaming)
+            router.add_websocket(prefix + path, socket_handler)

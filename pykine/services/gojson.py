@@ -12,11 +12,19 @@ from __future__ import annotations
 WHITESPACE = " \t\r\n"
 
 
+# strconv.Quote's escapes, which Go's quoteChar uses for a character in an error.
+_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v", "\\": "\\\\"}
+
+
 def _quote(char: str) -> str:
     if char == "'":
         return "'\\''"
     if char == '"':
         return "'\"'"
+    if char in _ESCAPES:
+        return f"'{_ESCAPES[char]}'"
+    if ord(char) < 0x20 or ord(char) == 0x7F:
+        return f"'\\x{ord(char):02x}'"
     return f"'{char}'"
 
 
@@ -167,7 +175,14 @@ def syntax_error(text: str) -> str | None:
     return None
 
 
-BASE64 = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n")
+def value_end(text: str) -> int | str:
+    """Where the first JSON value in `text` ends, or Go's words for why it is none ("unexpected EOF": cut short)."""
+    scanner = _Scanner(text)
+    try:
+        scanner.value()
+    except _Error as error:
+        return str(error)
+    return scanner.at
 
 
 def json_type(value: object) -> str:
@@ -183,9 +198,63 @@ def json_type(value: object) -> str:
     return "object"
 
 
-def base64_error(text: str) -> str | None:
-    """Go's base64.StdEncoding error for the first character it cannot take."""
-    for index, char in enumerate(text):
-        if char not in BASE64:
-            return f"illegal base64 data at input byte {index}"
+def unmarshal_error(text: str) -> str | None:
+    """json.Unmarshal's message for `text` if it is not exactly one JSON value, else None."""
+    end = value_end(text)
+    if end == "unexpected EOF":
+        # Go then feeds its scanner one space: a number cut short fails on that space.
+        end = value_end(text + " ")
+        return "unexpected end of JSON input" if end == "unexpected EOF" or isinstance(end, int) else end
+    if isinstance(end, str):
+        return end
+    rest = text[end:].lstrip(WHITESPACE)
+    if rest:
+        return f"invalid character {_quote(rest[0])} after top-level value"
     return None
+
+
+BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+BASE64_VALUES = {char: value for value, char in enumerate(BASE64_ALPHABET)}
+
+
+def base64_decode(text: str) -> bytes | str:
+    """The bytes, as Go's base64.StdEncoding decodes them (padding required, CR/LF skipped), or its error."""
+    source = text.encode()
+    out = bytearray()
+    at = 0
+    while True:
+        quantum: list[int] = []
+        while len(quantum) < 4:
+            if at == len(source):
+                if not quantum:
+                    return bytes(out)
+                return f"illegal base64 data at input byte {at - len(quantum)}"
+            char = source[at]
+            at += 1
+            if char in BASE64_VALUES:
+                quantum.append(BASE64_VALUES[char])
+                continue
+            if char in b"\r\n":
+                continue
+            if char != ord("=") or len(quantum) < 2:
+                return f"illegal base64 data at input byte {at - 1}"
+            if len(quantum) == 2:  # a second "=" must follow
+                while at < len(source) and source[at] in b"\r\n":
+                    at += 1
+                if at == len(source):
+                    return f"illegal base64 data at input byte {len(source)}"
+                if source[at] != ord("="):
+                    return f"illegal base64 data at input byte {at - 1}"
+                at += 1
+            while at < len(source) and source[at] in b"\r\n":
+                at += 1
+            if at < len(source):
+                return f"illegal base64 data at input byte {at}"
+            bits = 0
+            for value in quantum:
+                bits = bits << 6 | value
+            bits <<= 6 * (4 - len(quantum))
+            out += bits.to_bytes(3, "big")[: len(quantum) - 1]
+            return bytes(out)
+        bits = quantum[0] << 18 | quantum[1] << 12 | quantum[2] << 6 | quantum[3]
+        out += bits.to_bytes(3, "big")

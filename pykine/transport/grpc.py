@@ -116,6 +116,11 @@ class Registry:
         raise RpcError(Status.UNIMPLEMENTED, f"unknown service {service}")
 
 
+def too_large(length: int, limit: int) -> str:
+    """grpc-go's words for a request over the receive limit, which etcd's clients see."""
+    return f"grpc: received message larger than max ({length} vs. {limit})"
+
+
 @dataclass(frozen=True, slots=True)
 class CallLimits:
     max_receive_message: int = 4 << 20
@@ -298,7 +303,7 @@ class Call:
                 self.fail(Status.INTERNAL, f"grpc: received unexpected payload format {compressed}")
                 return
             if length > limit:
-                self.fail(Status.RESOURCE_EXHAUSTED, f"grpc: received message larger than max ({length} vs. {limit})")
+                self.fail(Status.RESOURCE_EXHAUSTED, too_large(length, limit))
                 return
             end = position + 5 + length
             if end > len(view):

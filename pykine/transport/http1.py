@@ -11,6 +11,13 @@ handler up in a `Router`. Handlers know nothing of h11:
 A response body is bytes, or an async iterator of chunks for a streaming
 answer (sent with chunked encoding). Requests are served one at a time per
 connection, as HTTP/1.1 requires; bodies are bounded by `max_body`.
+
+A path may also take WebSocket upgrades (`Router.add_websocket`): after the
+101 answer the connection belongs to a `WebSocket` and its handler,
+
+    async def handler(request: HttpRequest, socket: WebSocket) -> None
+
+until either side closes it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from http import HTTPStatus
 from typing import Any
 
 import h11
+
+from pykine.transport import websocket
+from pykine.transport.websocket import WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,7 @@ class HttpResponse:
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+WebSocketHandler = Callable[[HttpRequest, WebSocket], Awaitable[None]]
 
 
 def text_response(status: int, text: str) -> HttpResponse:
@@ -79,6 +90,7 @@ class Router:
     def __init__(self) -> None:
         self._exact: dict[str, dict[str, Handler]] = {}
         self._prefixes: list[tuple[str, dict[str, Handler]]] = []
+        self._websockets: dict[str, WebSocketHandler] = {}
         # Headers every answer carries; with them set, OPTIONS (a CORS preflight) is answered for any path.
         self.cors_headers: list[tuple[str, str]] = []
 
@@ -97,8 +109,20 @@ class Router:
         for method in methods:
             table[method] = handler
 
+    def add_websocket(self, path: str, handler: WebSocketHandler) -> None:
+        """Let `path` be upgraded to a WebSocket served by `handler` (plain requests still go to `add`'s)."""
+        self._websockets[path] = handler
+
+    def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
+        if not self._websockets or not websocket.is_upgrade(request.headers):
+            return None
+        return self._websockets.get(request.path)
+
     async def dispatch(self, request: HttpRequest) -> HttpResponse:
-        response = await self._route(request)
+        return self.finish(await self._route(request))
+
+    def finish(self, response: HttpResponse) -> HttpResponse:
+        """The headers every answer carries."""
         if self.cors_headers:
             response.headers[:0] = self.cors_headers
         response.headers.append(("Date", formatdate(usegmt=True)))
@@ -141,6 +165,7 @@ class Http1Connection:
         self._body_size = 0
         self._request: h11.Request | None = None
         self._task: asyncio.Task[None] | None = None
+        self._websocket: WebSocket | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self.closed = False
@@ -151,19 +176,32 @@ class Http1Connection:
         return self._task is None and (self._h11.their_state is h11.SEND_BODY or bool(self._h11.trailing_data[0]))
 
     @property
+    def busy(self) -> bool:
+        """Serving a request a stop should let finish (a WebSocket stream need not)."""
+        return not self.idle and self._websocket is None
+
+    @property
     def idle(self) -> bool:
         """Between requests: closing now loses nothing."""
         return self._task is None and self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]
 
     def receive(self, data: bytes) -> None:
+        if self._websocket is not None:
+            self._websocket.receive(data)
+            return
         self._h11.receive_data(data)
         self._process()
 
     def eof(self) -> None:
+        if self._websocket is not None:
+            self._websocket.eof()
+            return
         self._h11.receive_data(b"")
         self._process()
 
     def set_writable(self, writable: bool) -> None:
+        if self._websocket is not None:
+            self._websocket.set_writable(writable)
         if writable:
             self._writable.set()
         else:
@@ -226,8 +264,15 @@ class Http1Connection:
         http_request = HttpRequest(
             request.method.decode("ascii"), path, query, [(k, v) for k, v in request.headers], body, self.peer
         )
+        upgrade = self.router.websocket_handler(http_request)
         try:
-            response = await self.router.dispatch(http_request)
+            if upgrade is None:
+                response = await self.router.dispatch(http_request)
+            else:
+                refusal = await self._serve_websocket(http_request, upgrade)
+                if refusal is None:
+                    return
+                response = refusal
         except Exception:
             log.exception("HTTP %s %s failed", http_request.method, path)
             response = text_response(500, "internal server error")
@@ -249,6 +294,24 @@ class Http1Connection:
             self.close()
             return
         self._process()
+
+    async def _serve_websocket(self, request: HttpRequest, handler: WebSocketHandler) -> HttpResponse | None:
+        """Upgrade and hand the connection to `handler` until the WebSocket closes; a refusal to answer instead."""
+        answer = websocket.handshake(request.method, request.headers)
+        if isinstance(answer, int):
+            response = text_response(answer, _reason(answer).decode())
+            response.headers += [("Sec-Websocket-Version", "13"), ("X-Content-Type-Options", "nosniff")]
+            return self.router.finish(response)
+        self._send(h11.InformationalResponse(status_code=101, headers=answer, reason=b"Switching Protocols"))
+        socket = self._websocket = WebSocket(self.transport, self.max_body, self._h11.trailing_data[0])
+        try:
+            await handler(request, socket)
+        except Exception:
+            log.exception("WebSocket on %s failed", request.path)
+            socket.close(1011, "internal error")
+        finally:
+            self.close()
+        return None
 
     async def _write_response(self, response: HttpResponse) -> None:
         headers = list(response.headers)
@@ -281,6 +344,8 @@ class Http1Connection:
             return
         self.closed = True
         self._writable.set()
+        if self._websocket is not None:
+            self._websocket.close()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
         self.transport.close()

@@ -42,6 +42,8 @@ class ServerLimits:
     h2: h2.Limits = field(default_factory=h2.Limits)
     calls: CallLimits = field(default_factory=CallLimits)
     input_timeout: float = 30.0
+    # The largest HTTP/1.1 request body read; a larger one is answered 413 and its connection closed.
+    http_body: int = 4 << 20
     sweep_interval: float = 5.0
     backlog: int = 4096
 
@@ -128,7 +130,7 @@ class ClientConnection(asyncio.Protocol):
             self._h2_receive(data)
             return
         self._undecided = b""
-        self.http1 = Http1Connection(self.server.router, self.transport, self.peer)
+        self.http1 = Http1Connection(self.server.router, self.transport, self.peer, self.server.limits.http_body)
         self.http1.receive(data)
 
     def _start_h2(self) -> None:
@@ -184,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
         """Whether a request that should finish before a stop is in flight (streams need not)."""
         if self.dispatcher is not None:
             return self.dispatcher.busy
-        return self.http1 is not None and not self.http1.idle
+        return self.http1 is not None and self.http1.busy
 
     def close(self) -> None:
         if not self.closed:
