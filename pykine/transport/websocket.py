@@ -4,7 +4,7 @@ etcd 3.4 puts a websocket proxy in front of its JSON gateway: a client that
 upgrades `/v3/watch` to a WebSocket sends each request as a message and gets
 each answer as a text message, and can keep sending requests on the same
 watch. A plain HTTP/1.1 body cannot do that (etcd reads it whole). The frame
-protocol is wsproto's (sans-IO, like h11); this module only does the opening
+protocol is wsproto's (sans-IO); this module only does the opening
 handshake's arithmetic and ties wsproto to the asyncio transport. No
 extensions (compression) are offered, as etcd offers none.
 """
