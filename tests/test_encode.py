@@ -1,4 +1,6 @@
-"""pykine's own RangeResponse encoding (services/encode.py) against protobuf's."""
+"""pykine's own encodings against protobuf's: RangeResponse bytes (services/encode.py) and the
+gateway's JSON (services/jsonpb.py). Each check runs in a process of its own, since pykine's and
+aetcd's descriptors of etcd's messages cannot share one."""
 
 from __future__ import annotations
 
@@ -6,13 +8,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 from harness import ROOT
 
 
-def test_encoded_range_responses_are_protobufs_bytes() -> None:
+@pytest.mark.parametrize("checks", ["encode_checks.py", "jsonpb_checks.py"])
+def test_own_encodings_agree_with_protobuf(checks: str) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT}
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "encode_checks.py")],
+        [sys.executable, os.path.join(ROOT, "tests", checks)],
         capture_output=True,
         text=True,
         timeout=300,

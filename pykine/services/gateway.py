@@ -37,7 +37,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -156,9 +155,7 @@ def websocket_token(request: HttpRequest) -> str | None:
 
 def to_json(message: Message) -> bytes:
     """grpc-gateway's JSON: proto names, no zero values, compact, Go's HTML-safe escaping."""
-    document = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+    return jsonpb.encode(message)
 
 
 def error_response(status: Status, message: str) -> HttpResponse:
