@@ -165,7 +165,7 @@ async def serve(settings: Settings) -> None:
     health = HealthService()
     servicers = register_services(registry, engine, identity, settings, health)
     add_http_routes(router, engine, settings.emulated_etcd_version)
-    add_gateway_routes(router, servicers, MAX_RECEIVE_BYTES)
+    add_gateway_routes(router, servicers, MAX_RECEIVE_BYTES, lambda: engine.auth.enabled)
     await server.start()
     if metrics_server is not None:
         await metrics_server.start()

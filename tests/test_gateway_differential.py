@@ -61,6 +61,10 @@ def test_kv_in_both_spellings(servers: Pair, prefix: str) -> None:
         ("/v3/cluster/member/remove", '{"ID":"5"}'),
         ("/v3/cluster/member/add", '{"peerURLs":["not a url"]}'),
         ("/v3alpha/kv/range", '{"key":"Zm9v"}'),
+        ("/v3/auth/status", "{}"),  # etcd 3.5's; 3.4's gateway has no such route
+        ("/v3/nope", "{}"),
+        ("/v3beta/kv/nope", "{}"),
+        ("/v3/", ""),
         # Malformed bodies: Go's own words, as etcd's gateway passes them on.
         ("/v3/kv/range", "{bad json"),
         ("/v3/kv/range", "[1]"),
@@ -163,6 +167,9 @@ def test_wrong_http_method(servers: Pair) -> None:
     want = post(servers.etcd, "/v3/kv/range", b"", method="GET")
     got = post(servers.pykine, "/v3/kv/range", b"", method="GET")
     assert got[0] == want[0] == 405
+    for method in ("GET", "PUT", "DELETE"):
+        want = post(servers.etcd, "/v3/nope", b"", method=method)
+        assert post(servers.pykine, "/v3/nope", b"", method=method) == want
 
 
 def test_leases(servers: Pair) -> None:

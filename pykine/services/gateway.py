@@ -44,7 +44,7 @@ from google.protobuf.message_factory import GetMessageClass
 from pykine.services import gojson, jsonpb
 from pykine.services.encode import Encoded
 from pykine.transport.grpc import RpcError, Status, too_large
-from pykine.transport.http1 import HttpRequest, HttpResponse, Peer, Router
+from pykine.transport.http1 import HttpRequest, HttpResponse, Peer, Router, text_response
 from pykine.transport.websocket import WebSocket
 from pykine.wire import rpc_pb2
 
@@ -371,11 +371,46 @@ def stream_error(error: RpcError) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def add_gateway_routes(router: Router, servicers: dict[str, object], max_message: int) -> None:
+async def _not_found(request: HttpRequest) -> HttpResponse:
+    """grpc-gateway's answer for a path under /v3/ it has no route for."""
+    response = text_response(404, "Not Found")
+    response.headers.append(("X-Content-Type-Options", "nosniff"))
+    return response
+
+
+def common_name_guard(auth_enabled: Callable[[], bool]) -> Callable[[HttpRequest], HttpResponse | None]:
+    """etcd refuses gateway requests from a client certificate with a CommonName while auth is on.
+
+    Over gRPC that name is the user; etcd's gateway calls its own gRPC server,
+    so the name would be lost, and it says so rather than serve the request as
+    nobody (and pykine rather than as the named user, unlike etcd).
+    """
+
+    def guard(request: HttpRequest) -> HttpResponse | None:
+        if request.peer.common_name and auth_enabled():
+            response = text_response(400, COMMON_NAME_REFUSAL)
+            response.headers.append(("X-Content-Type-Options", "nosniff"))
+            return response
+        return None
+
+    return guard
+
+
+COMMON_NAME_REFUSAL = "CommonName of client sending a request against gateway will be ignored and not used as expected"
+
+
+def add_gateway_routes(
+    router: Router, servicers: dict[str, object], max_message: int, auth_enabled: Callable[[], bool]
+) -> None:
     """Every route etcd's gateway has, onto the servicers the gRPC transport serves.
 
-    `max_message` is the gRPC transport's limit on a request, which etcd's gateway requests meet too.
+    `max_message` is the gRPC transport's limit on a request, which etcd's gateway requests meet too;
+    `auth_enabled` tells whether auth is on now.
     """
+    guard = common_name_guard(auth_enabled)
+    for prefix in PREFIXES:
+        router.add_guard(prefix, guard)
+        router.add(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"), prefix, _not_found, prefix=True)
     services: dict[str, ServiceDescriptor] = dict(rpc_pb2.DESCRIPTOR.services_by_name)
     for path, service, name in ROUTES:
         servicer = servicers.get(service)

@@ -77,6 +77,8 @@ class HttpResponse:
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 WebSocketHandler = Callable[[HttpRequest, WebSocket], Awaitable[None]]
+# Looks at a request before its handler (HTTP or WebSocket) and may answer it instead.
+Guard = Callable[[HttpRequest], "HttpResponse | None"]
 
 
 def text_response(status: int, text: str) -> HttpResponse:
@@ -109,6 +111,7 @@ class Router:
         self._exact: dict[str, dict[str, Handler]] = {}
         self._prefixes: list[tuple[str, dict[str, Handler]]] = []
         self._websockets: dict[str, WebSocketHandler] = {}
+        self._guards: list[tuple[str, Guard]] = []
         # Headers every answer carries; with them set, OPTIONS (a CORS preflight) is answered for any path.
         self.cors_headers: list[tuple[str, str]] = []
 
@@ -131,12 +134,24 @@ class Router:
         """Let `path` be upgraded to a WebSocket served by `handler` (plain requests still go to `add`'s)."""
         self._websockets[path] = handler
 
+    def add_guard(self, prefix: str, guard: Guard) -> None:
+        """Have `guard` see every request under `prefix` first (a refused upgrade is answered, not upgraded)."""
+        self._guards.append((prefix, guard))
+
+    def _refusal(self, request: HttpRequest) -> HttpResponse | None:
+        for prefix, guard in self._guards:
+            if request.path.startswith(prefix) and (refusal := guard(request)) is not None:
+                return refusal
+        return None
+
     def websocket_handler(self, request: HttpRequest) -> WebSocketHandler | None:
-        if not self._websockets or not websocket.is_upgrade(request.headers):
+        if not self._websockets or not websocket.is_upgrade(request.headers) or self._refusal(request):
             return None
         return self._websockets.get(request.path)
 
     async def dispatch(self, request: HttpRequest) -> HttpResponse:
+        if request.method != "OPTIONS" and (refusal := self._refusal(request)) is not None:
+            return self.finish(refusal)
         return self.finish(await self._route(request))
 
     def finish(self, response: HttpResponse) -> HttpResponse:
