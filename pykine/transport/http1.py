@@ -150,7 +150,7 @@ class Router:
         return self._websockets.get(request.path)
 
     async def dispatch(self, request: HttpRequest) -> HttpResponse:
-        if request.method != "OPTIONS" and (refusal := self._refusal(request)) is not None:
+        if (refusal := self._refusal(request)) is not None:
             return self.finish(refusal)
         return self.finish(await self._route(request))
 
