@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from harness import Pair
+
+# Importing Patroni (tests/test_patroni*.py) sets the process umask to 077, and so does its Config
+# for a data directory; files the tests then make for other users (a PAM service for PostgreSQL's
+# backends, say) would be unreadable to them. Every test runs with the umask pytest started with.
+INITIAL_UMASK = os.umask(0o022)
+os.umask(INITIAL_UMASK)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    os.umask(INITIAL_UMASK)
+
+
+@pytest.fixture(autouse=True)
+def _initial_umask() -> Iterator[None]:
+    yield
+    os.umask(INITIAL_UMASK)
 
 
 @pytest.hookimpl(hookwrapper=True)

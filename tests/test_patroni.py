@@ -43,20 +43,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from harness import EtcdServer, Pair, PykineServer, Server, call, pb
-from patroni.config import Config
 from patroni.dcs import Cluster, Leader, get_dcs
 from patroni.dcs.etcd3 import Etcd3, prefix_range_end
+from patronicluster import patroni_minimum_timeouts
 
 SCOPE = "pykine-patroni"
 PREFIX = f"/service/{SCOPE}/"
 NAMES = {"node-1": "A", "node-2": "B", "node-3": "P"}  # P: an observer behind use_proxies
-
-
-def patroni_minimum_timeouts() -> dict[str, int]:
-    """What Patroni's own validation makes of the smallest values: the fastest configuration it accepts."""
-    timeouts = {"ttl": 1, "loop_wait": 1, "retry_timeout": 1}
-    Config._validate_and_adjust_timeouts(object.__new__(Config), timeouts)
-    return timeouts
 
 
 TIMEOUTS = patroni_minimum_timeouts()

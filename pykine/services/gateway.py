@@ -76,6 +76,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("cluster/member/promote", "Cluster", "MemberPromote"),
     ("auth/enable", "Auth", "AuthEnable"),
     ("auth/disable", "Auth", "AuthDisable"),
+    ("auth/status", "Auth", "AuthStatus"),  # etcd 3.5's (3.4's gateway has none)
     ("auth/authenticate", "Auth", "Authenticate"),
     ("auth/user/add", "Auth", "UserAdd"),
     ("auth/user/get", "Auth", "UserGet"),
