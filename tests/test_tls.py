@@ -31,6 +31,7 @@ import aetcd.client
 import certs
 import grpc
 import pytest
+import websockets.sync.client
 from aetcd.rpc import kv_pb2
 from aetcd.rpc import rpc_pb2 as pb
 from aetcd.rpc import rpc_pb2_grpc as pb_grpc
@@ -581,3 +582,18 @@ def test_tls_flags_from_environment(pki: Pki, tmp_path: Path) -> None:
         assert ok, said
     finally:
         server.stop()
+
+
+def test_gateway_websocket_over_tls(mtls_server: PykineServer, pki: Pki) -> None:
+    """wss://: the JSON gateway's watch stream upgraded to a WebSocket on the TLS port, with mTLS."""
+    context = ssl.create_default_context(cafile=pki.ca)
+    context.load_cert_chain(pki.alice.cert, pki.alice.key)
+    base = f"wss://{mtls_server.address}/v3"
+    with websockets.sync.client.connect(f"{base}/watch", ssl=context, open_timeout=10) as watch:
+        watch.send('{"create_request":{"key":"d3Nz"}}')
+        assert json.loads(watch.recv(timeout=10))["result"]["created"] is True
+        with websockets.sync.client.connect(f"{base}/kv/put", ssl=context, open_timeout=10) as put:
+            put.send('{"key":"d3Nz","value":"dGxz"}')
+            assert "header" in json.loads(put.recv(timeout=10))
+        event = json.loads(watch.recv(timeout=10))["result"]["events"][0]
+        assert (event["kv"]["key"], event["kv"]["value"]) == ("d3Nz", "dGxz")
