@@ -6,9 +6,11 @@ These run the backend in-process (it does not load pykine's protobuf modules).
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import tempfile
 import threading
+from typing import Any
 
 from pykine.backends.sqlite import SQLiteBackend
 from pykine.engine.records import Change, KeySpan, KeyValueRow, RangeQuery, ReadSet, Snapshot, WriteSet
@@ -113,3 +115,32 @@ def test_compaction_steps_resume_and_keep_what_reads_need() -> None:
             await backend.close()
 
     asyncio.run(scenario())
+
+
+def _start_and_close(path: str, barrier: Any, results: Any) -> None:
+    async def main() -> int:
+        backend = SQLiteBackend(path)
+        barrier.wait()
+        await backend.start()
+        try:
+            return await backend.cluster_id()
+        finally:
+            await backend.close()
+
+    results.put(asyncio.run(main()))
+
+
+def test_processes_creating_one_new_file_together_all_start() -> None:
+    """Three processes open a new file at once (as --workers does): one switches it to WAL, where SQLite
+    refuses the others at once, busy timeout or not; they take turns and all share one cluster id."""
+    context = multiprocessing.get_context("spawn")
+    for _ in range(8):
+        path = os.path.join(tempfile.mkdtemp(prefix="pykine-sqlite-"), "state.db")
+        barrier, results = context.Barrier(3), context.Queue()
+        processes = [context.Process(target=_start_and_close, args=(path, barrier, results)) for _ in range(3)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+        assert [process.exitcode for process in processes] == [0, 0, 0]
+        assert len({results.get(timeout=5) for _ in processes}) == 1

@@ -168,7 +168,7 @@ class SQLiteBackend(Backend):
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(directory, exist_ok=True)
-            await self._write(self._init_schema)
+            await self._init_schema_taking_turns()
         except (OSError, sqlite3.Error) as exc:
             raise BackendError(f"cannot open sqlite database {self.path}: {exc}") from exc
         if self._inline_commits is None:
@@ -193,6 +193,23 @@ class SQLiteBackend(Backend):
     def _checkpoint(self) -> None:
         # PASSIVE: copies what no reader still needs, never waits for readers or the writer.
         self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    async def _init_schema_taking_turns(self) -> None:
+        """_init_schema, again while another process creating the same file holds it (up to the busy timeout).
+
+        Processes starting together on a new file (`--workers`) race to switch
+        it to WAL; SQLite answers the loser SQLITE_BUSY at once, without its
+        busy handler, so the wait is here.
+        """
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        while True:
+            try:
+                await self._write(self._init_schema)
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
 
     def _init_schema(self) -> None:
         conn = self._connection()
