@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from harness import Pair, Server
@@ -71,3 +73,24 @@ def same_lines(streams: tuple[Stream, Stream], count: int, unordered: bool = Fal
     if unordered:
         want, got = (sorted(lines, key=lambda line: json.dumps(line, sort_keys=True)) for lines in (want, got))
     assert got == want, f"\n--- etcd: {want}\n--- pykine: {got}"
+
+
+@contextmanager
+def auth_on(servers: Pair) -> Iterator[tuple[str, str]]:
+    """Auth on for both servers with a root user: root's tokens (etcd's, pykine's). Off again afterwards."""
+    same(servers, "/v3/auth/user/add", '{"name":"root","password":"pw"}')
+    same(servers, "/v3/auth/user/grant", '{"user":"root","role":"root"}')
+    same(servers, "/v3/auth/enable", "{}")
+    try:
+        tokens = []
+        for server in (servers.etcd, servers.pykine):
+            status, _, body = post(server, "/v3/auth/authenticate", '{"name":"root","password":"pw"}')
+            assert status == 200, body
+            tokens.append(json.loads(body)["token"])
+        yield tokens[0], tokens[1]
+    finally:
+        for server in (servers.etcd, servers.pykine):
+            status, _, body = post(server, "/v3/auth/authenticate", '{"name":"root","password":"pw"}')
+            if status == 200:
+                post(server, "/v3/auth/disable", "{}", token=json.loads(body)["token"])
+            post(server, "/v3/auth/user/delete", '{"name":"root"}')

@@ -13,7 +13,7 @@ import json
 import socket
 
 import pytest
-from gatewayhttp import both_streams, post, same, same_lines
+from gatewayhttp import auth_on, both_streams, post, same, same_lines
 from harness import Pair
 
 # etcd's gRPC receive limit: --max-request-bytes (1.5 MiB) and 512 KiB more for the envelope.
@@ -209,20 +209,11 @@ def test_maintenance_and_cluster(servers: Pair) -> None:
 
 def test_auth_with_the_authorization_header(servers: Pair) -> None:
     """etcd's gateway takes the token in Authorization, without "Bearer"."""
-    same(servers, "/v3/auth/user/add", '{"name":"root","password":"pw"}')
-    same(servers, "/v3/auth/user/grant", '{"user":"root","role":"root"}')
     same(servers, "/v3/auth/role/add", '{"name":"reader"}')
     same(servers, "/v3/auth/role/grant", '{"name":"reader","perm":{"permType":"READ","key":"Zm9v","range_end":"Zm9w"}}')
     same(servers, "/v3/auth/user/add", '{"name":"alice","password":"apw"}')
     same(servers, "/v3/auth/user/grant", '{"user":"alice","role":"reader"}')
-    same(servers, "/v3/auth/enable", "{}")
-    try:
-        tokens = []
-        for server in (servers.etcd, servers.pykine):
-            status, _, body = post(server, "/v3/auth/authenticate", '{"name":"root","password":"pw"}')
-            assert status == 200, body
-            tokens.append(json.loads(body)["token"])
-        root = (tokens[0], tokens[1])
+    with auth_on(servers) as root:
         same(servers, "/v3/kv/range", '{"key":"Zm9v"}')  # no token: user name is empty
         same(servers, "/v3/kv/range", '{"key":"Zm9v"}', token=("garbage", "garbage"))
         same(servers, "/v3/kv/put", '{"key":"Zm9v","value":"eA=="}', token=root)
@@ -242,12 +233,6 @@ def test_auth_with_the_authorization_header(servers: Pair) -> None:
         same(servers, "/v3/auth/user/changepw", '{"name":"alice","password":"new"}', token=root)
         same(servers, "/v3/auth/user/delete", '{"name":"alice"}', token=root)
         same(servers, "/v3/auth/role/delete", '{"role":"reader"}', token=root)
-    finally:
-        for server in (servers.etcd, servers.pykine):
-            status, _, body = post(server, "/v3/auth/authenticate", '{"name":"root","password":"pw"}')
-            if status == 200:
-                post(server, "/v3/auth/disable", "{}", token=json.loads(body)["token"])
-            post(server, "/v3/auth/user/delete", '{"name":"root"}')
 
 
 def test_watch_stream(servers: Pair) -> None:

@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
-from gatewayhttp import blank, post, same
+from gatewayhttp import auth_on, blank, same
 from harness import Pair, Server
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -199,15 +199,7 @@ def test_a_token_reaches_pykine_over_a_websocket(servers: Pair) -> None:
     pykine takes the token from the upgrade's Authorization header, a `Bearer, <token>` subprotocol or
     a `token` cookie; without one, both refuse alike.
     """
-    same(servers, "/v3/auth/user/add", '{"name":"root","password":"pw"}')
-    same(servers, "/v3/auth/user/grant", '{"user":"root","role":"root"}')
-    same(servers, "/v3/auth/enable", "{}")
-    try:
-        tokens = []
-        for server in (servers.etcd, servers.pykine):
-            status, _, body = post(server, "/v3/auth/authenticate", '{"name":"root","password":"pw"}')
-            assert status == 200, body
-            tokens.append(json.loads(body)["token"])
+    with auth_on(servers) as tokens:
         with paired(servers, "/v3/watch") as both:
             both.send(create("wsauth"))
             refusal = both.answers(1)[0]["result"]
@@ -226,12 +218,6 @@ def test_a_token_reaches_pykine_over_a_websocket(servers: Pair) -> None:
                     assert answer["canceled"] is True, (way, answer)
                 else:
                     assert answer.get("canceled") is None and answer["created"] is True, (way, answer)
-    finally:
-        for server in (servers.etcd, servers.pykine):
-            status, _, body = post(server, "/v3/auth/authenticate", '{"name":"root","password":"pw"}')
-            if status == 200:
-                post(server, "/v3/auth/disable", "{}", token=json.loads(body)["token"])
-            post(server, "/v3/auth/user/delete", '{"name":"root"}')
 
 
 def test_fragments_binary_messages_and_pings(servers: Pair) -> None:
