@@ -18,6 +18,7 @@ within that second too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -59,6 +60,9 @@ class Alarms:
         self.member_id = 0
         self.raised: list[tuple[int, int]] = []
         self.size = 0
+        # Held while NOSPACE is being stored: a request refused for it meanwhile waits, so that its
+        # client, asking for the alarms next, finds it.
+        self._raising = asyncio.Lock()
 
     async def refresh(self) -> None:
         """Read the alarms and the datastore's size."""
@@ -91,20 +95,24 @@ class Alarms:
         if cost <= 0:
             return
         if self.raised and self.has(NOSPACE):
+            if self._raising.locked():
+                async with self._raising:
+                    pass
             raise NoSpaceError()
         if self.quota_bytes and self.size + cost >= self.quota_bytes:
             await self._raise_nospace()
             raise NoSpaceError()
 
     async def _raise_nospace(self) -> None:
-        if self.has(NOSPACE):
-            return
-        # Seen at once by the checks of requests running meanwhile; stored below.
-        self.raised = [*self.raised, (self.member_id, NOSPACE)]
-        log.warning(
-            "datastore size %d bytes reached the quota of %d bytes: raising NOSPACE", self.size, self.quota_bytes
-        )
-        await self.set(self.member_id, NOSPACE, True)
+        async with self._raising:
+            if self.has(NOSPACE):
+                return
+            # Seen at once by the checks of requests running meanwhile, which wait for the store below.
+            self.raised = [*self.raised, (self.member_id, NOSPACE)]
+            log.warning(
+                "datastore size %d bytes reached the quota of %d bytes: raising NOSPACE", self.size, self.quota_bytes
+            )
+            await self.set(self.member_id, NOSPACE, True)
 
     # -- the Alarm call ------------------------------------------------------------------
 
