@@ -44,7 +44,7 @@ from google.protobuf.message_factory import GetMessageClass
 from pykine.services import gojson, jsonpb
 from pykine.services.encode import Encoded
 from pykine.transport.grpc import RpcError, Status, too_large
-from pykine.transport.http1 import HttpRequest, HttpResponse, Peer, Router, text_response
+from pykine.transport.http1 import Handler, HttpRequest, HttpResponse, Peer, Router, WebSocketHandler, text_response
 from pykine.transport.websocket import WebSocket
 from pykine.wire import rpc_pb2
 
@@ -180,9 +180,6 @@ def parse_request(body: bytes, message: Message) -> str | None:
     return jsonpb.fill(document, message)
 
 
-Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
-
-
 def route(
     method: Callable[[Any, Any], Awaitable[Any]], request_class: type[Message], response_class: Any, max_message: int
 ) -> Handler:
@@ -316,9 +313,6 @@ def stream_route(method: Callable[[Any, Any], Any], request_class: type[Message]
         return HttpResponse(200, answers, content_type=JSON, headers=list(SUCCESS_HEADERS))
 
     return handle
-
-
-WebSocketHandler = Callable[[HttpRequest, WebSocket], Awaitable[None]]
 
 
 def stream_socket(method: Callable[[Any, Any], Any], request_class: type[Message]) -> WebSocketHandler:
