@@ -4,15 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-sqlite test-postgres test-mysql lint proto bench system-deps clean
+.PHONY: run test test-sqlite test-postgres test-mysql test-nats lint proto bench system-deps clean
 
 run: $(STAMP)
 	$(BIN)/pykine
 
 # The whole suite on SQLite, then everything that is not about SQLite itself again on
-# PostgreSQL and on MySQL/MariaDB (each pykine datastore gets a database of its own; the
-# servers are the machine's, or ones the tests start: tests/databases.py).
-test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql
+# PostgreSQL, on MySQL/MariaDB and on NATS JetStream (each pykine datastore gets a database or
+# bucket of its own; the servers are the machine's, or ones the tests start: tests/databases.py).
+test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql test-nats
 
 SERVER_SUITES := tests/test_kv_differential.py tests/test_property.py tests/test_etcdctl.py \
 	tests/test_watch_differential.py tests/test_watch_stress.py tests/test_go_client.py tests/test_lease.py \
@@ -24,6 +24,8 @@ test-postgres: system-deps $(STAMP)
 	PYKINE_TEST_BACKEND=postgres $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
 test-mysql: system-deps $(STAMP)
 	PYKINE_TEST_BACKEND=mysql $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
+test-nats: system-deps $(STAMP)
+	PYKINE_TEST_BACKEND=nats $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pykine tests bench

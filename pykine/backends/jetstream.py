@@ -1,0 +1,714 @@
+"""NATS JetStream: the datastore is one stream, an ordered log of pykine's writes.
+
+Design (docs/design.md, "NATS JetStream"): every change (a write batch with
+all its revisions, a document, an alarm) is one message of the stream
+`PYKINE_<bucket>`, appended with `Nats-Expected-Last-Sequence`, so the log
+is a compare-and-swap on the whole datastore. Each instance applies the log
+in order to a local SQLite view (backends/logview.py) and answers every read
+from it; a linearizable read first asks the stream leader for the log's end
+and waits until the view has applied it (etcd's ReadIndex). A restarted
+instance opens its view and applies only what it missed.
+
+Members and the duty claim (lease expiry) live in the KV bucket
+`pykine-<bucket>`, outside the log: they change every few seconds and are
+not part of etcd's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+
+from pykine.backends.base import Backend, BackendError, ConnectionOptions, DocumentChange, Plan, StorageStatus
+from pykine.backends.logentries import AlarmWrite, Entry, EntryError, LeaseRenewal, decode, encode
+from pykine.backends.logview import LogView
+from pykine.backends.natsserver import EmbeddedServer
+from pykine.durations import parse_duration
+from pykine.engine.records import (
+    HistoryRows,
+    KeySpan,
+    KnownRows,
+    LeaseRow,
+    MemberRow,
+    RangeQuery,
+    RangeRows,
+    ReadSet,
+    Snapshot,
+    WriteSet,
+)
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# nats-server releases older than this lose or half-apply writes pykine relies on:
+# #4320 (concurrent compare-and-swap on R3, fixed in 2.9.21), atomic batches (2.12.0,
+# lock fix 2.12.8), the last sequence after a purge (2.12.3). See docs/design.md.
+MINIMUM_SERVER = (2, 12, 8)
+BUCKET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+WRONG_LAST_SEQUENCE = 10071
+# How long one append may take before the request fails with UNAVAILABLE (etcd's request timeout is 7 s).
+APPEND_TIMEOUT = 7.0
+# One try of an append; a try that times out is repeated with the same message id,
+# which JetStream deduplicates, so an append that did land is not stored twice.
+APPEND_TRY = 1.0
+# A read that finds its view behind the log's end for this long resubscribes to the log.
+CATCH_UP_STALL = 3.0
+APPLY_BATCH = 1000
+DUTY_RENEW = 1.0
+DUTY_TIMEOUT = 5.0
+KNOWN_OPTIONS = {
+    "bucket",
+    "replicas",
+    "revHistory",
+    "slowMethod",
+    "credsFile",
+    "nkeySeedFile",
+    "dataDir",
+    "viewDir",
+    "noEmbed",
+    "stdoutLogging",
+}
+# kine's DSN options that need kine's own process layout; refused with a reason rather than ignored.
+REFUSED_OPTIONS = {
+    "dontListen": "an embedded server runs as a separate process here, so it must listen (on loopback)",
+    "serverConfig": "give the DSN the running server's host instead of a configuration for an embedded one",
+    "contextFile": "give the DSN the servers and credentials (credsFile, nkeySeedFile, user:password@) instead",
+}
+
+
+@dataclass(slots=True)
+class NatsConfig:
+    """What a nats:// DSN says (kine's form: servers, then ?bucket=…&replicas=…)."""
+
+    servers: list[str] = field(default_factory=list)
+    bucket: str = "kine"
+    replicas: int = 1
+    slow_method: float = 0.5
+    creds_file: str = ""
+    nkey_seed_file: str = ""
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    tls: bool = False
+    data_dir: str = "./db/nats"
+    view_dir: str = "./db"
+    embedded_host: str = ""
+    embedded_port: int = 0
+    stdout_logging: bool = False
+
+    @property
+    def embedded(self) -> bool:
+        return not self.servers
+
+
+def parse_dsn(dsn: str) -> NatsConfig:
+    """kine's NATS DSN: nats://[user:pass@|token@]host:port[,nats://host2:port…][?options]; no host: embedded."""
+    first, *others = dsn.split(",")
+    parts = urlsplit(first)
+    config = NatsConfig(tls=parts.scheme == "tls")
+    no_embed = False
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in REFUSED_OPTIONS:
+            raise BackendError(f"nats option {name} is not supported: {REFUSED_OPTIONS[name]}")
+        if name not in KNOWN_OPTIONS:
+            raise BackendError(f"unknown nats option {name!r} (known: {', '.join(sorted(KNOWN_OPTIONS))})")
+        if name == "bucket":
+            if not BUCKET_NAME.match(value):
+                raise BackendError(f"nats bucket must be letters, digits, '-' or '_', got {value!r}")
+            config.bucket = value
+        elif name == "replicas":
+            if not value.isdigit() or not 1 <= int(value) <= 5:
+                raise BackendError(f"invalid replicas {value!r}, must be >= 1 and <= 5")
+            config.replicas = int(value)
+        elif name == "revHistory":
+            # kine keeps this many versions per key; pykine keeps every version until compaction.
+            if not value.isdigit() or not 2 <= int(value) <= 64:
+                raise BackendError(f"invalid revHistory {value!r}, must be >= 2 and <= 64")
+        elif name == "slowMethod":
+            try:
+                config.slow_method = parse_duration(value)
+            except ValueError as exc:
+                raise BackendError(f"invalid slowMethod duration: {exc}") from None
+        elif name == "credsFile":
+            config.creds_file = value
+        elif name == "nkeySeedFile":
+            config.nkey_seed_file = value
+        elif name == "dataDir":
+            config.data_dir = value
+        elif name == "viewDir":
+            config.view_dir = value
+        elif name == "noEmbed":
+            no_embed = True
+        elif name == "stdoutLogging":
+            config.stdout_logging = True
+    if parts.username:
+        if parts.password is not None:
+            config.user, config.password = unquote(parts.username), unquote(parts.password)
+        else:
+            config.token = unquote(parts.username)
+    if not parts.hostname:
+        if others:
+            raise BackendError("a nats DSN with several servers must name a host in the first")
+        if no_embed:
+            raise BackendError("nats DSN has no host and noEmbed is set: there is no server to connect to")
+        return config
+    scheme = "tls" if config.tls else "nats"
+    config.servers = [f"{scheme}://{parts.hostname}:{parts.port or 4222}"]
+    for other in others:
+        extra = urlsplit(other if "://" in other else f"{scheme}://{other}")
+        if extra.scheme not in ("nats", "tls") or not extra.hostname:
+            raise BackendError(f"invalid nats server {other!r} in the DSN")
+        config.tls = config.tls or extra.scheme == "tls"
+        config.servers.append(f"{extra.scheme}://{extra.hostname}:{extra.port or 4222}")
+    return config
+
+
+class LogConflict(Exception):
+    """Another instance appended first; the log now ends at `last`."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__(f"the log moved on to {last}")
+        self.last = last
+
+
+class JetStreamBackend(Backend):
+    name = "nats"
+
+    def __init__(self, dsn: str, options: ConnectionOptions | None = None) -> None:
+        self.config = parse_dsn(dsn)
+        self.options = options or ConnectionOptions()
+        self.stream = f"PYKINE_{self.config.bucket}"
+        self.subject = f"pykine.{self.config.bucket}.log"
+        self.nc: NATS | None = None
+        self.js: Any = None
+        self.kv: Any = None
+        self.view: LogView | None = None
+        self._server: EmbeddedServer | None = None
+        self._view_lock: int | None = None
+        self._cluster_id = 0
+        self._writer = uuid.uuid4().hex[:16]
+        self._appends = 0
+        self._subscription: Any = None
+        self._arrived: list[tuple[int, Entry | None]] = []
+        self._arrival = asyncio.Event()
+        self._advanced = asyncio.Event()
+        self._foreign = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._index_running: asyncio.Future[int] | None = None
+        self._index_next: asyncio.Future[int] | None = None
+        self._compact_wake = asyncio.Event()
+        # Who holds the duties: the view file, so that a restarted instance takes them back at once.
+        self._holder = ""
+        self._duty_held_at = 0.0
+        self._duty_revision = 0
+        self._closing = False
+
+    # -- start-up ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        servers = self.config.servers
+        if self.config.embedded:
+            self._server = EmbeddedServer(self.config.data_dir, log_to_stdout=self.config.stdout_logging)
+            servers = [await self._server.start()]
+        try:
+            self.nc = await nats.connect(
+                servers=servers,
+                connect_timeout=5,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=self._connection_error,
+                disconnected_cb=self._disconnected,
+                reconnected_cb=self._reconnected,
+                **self._client_options(),
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            await self._stop_server()
+            raise BackendError(f"cannot connect to NATS at {', '.join(servers)}: {exc or type(exc).__name__}") from exc
+        try:
+            self._check_version()
+            self.js = self.nc.jetstream(timeout=APPEND_TRY)
+            info = await self._stream()
+            self.kv = await self._bucket()
+            self._cluster_id = int.from_bytes(hashlib.sha256(f"{self.stream} {info['created']}".encode()).digest()[:8])
+            self._cluster_id = (self._cluster_id >> 1) or 1
+            self.view = LogView(self._view_path())
+            self._holder = f"{socket.gethostname()}:{os.path.abspath(self.view.path)}"
+            await self.view.open(self._cluster_id)
+            await self._subscribe()
+            self._tasks = [
+                asyncio.create_task(self._apply_loop(), name="pykine-nats-apply"),
+                asyncio.create_task(self._compact_loop(), name="pykine-nats-compact-view"),
+            ]
+            await self._reach(await self._log_end(), timeout=None)
+        except BaseException:
+            await self.close()
+            raise
+        log.info("nats: stream %s, view %s at log position %d", self.stream, self.view.path, self.view.position)
+
+    def _client_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.config.user:
+            options.update(user=self.config.user, password=self.config.password)
+        if self.config.token:
+            options["token"] = self.config.token
+        if self.config.creds_file:
+            options["user_credentials"] = self.config.creds_file
+        if self.config.nkey_seed_file:
+            options["nkeys_seed"] = self.config.nkey_seed_file
+        tls = self.config.tls or self.options.ca_file or self.options.cert_file
+        if tls:
+            context = ssl.create_default_context(cafile=self.options.ca_file or None)
+            if self.options.cert_file:
+                context.load_cert_chain(self.options.cert_file, self.options.key_file or None)
+            if self.options.skip_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            options["tls"] = context
+        return options
+
+    def _check_version(self) -> None:
+        assert self.nc is not None
+        version = self.nc.connected_server_version
+        found = (version.major, version.minor, version.patch)
+        if found < MINIMUM_SERVER:
+            raise BackendError(
+                f"nats-server {version} is too old: pykine needs {'.'.join(map(str, MINIMUM_SERVER))} or newer"
+                " (older releases can lose compare-and-swap writes with replicas, nats-server#4320, or store"
+                " atomic batches one message at a time)"
+            )
+
+    async def _stream(self) -> dict[str, Any]:
+        """The log's stream, created on first use; returns its info."""
+        try:
+            return await self._stream_info()
+        except nats.js.errors.NotFoundError:
+            pass
+        config = api.StreamConfig(
+            name=self.stream,
+            subjects=[self.subject],
+            storage=api.StorageType.FILE,
+            num_replicas=self.config.replicas,
+            deny_delete=True,
+            allow_direct=True,
+            max_msg_size=-1,
+        )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:  # created meanwhile by another instance
+            if exc.err_code != 10058:
+                raise BackendError(f"cannot create NATS stream {self.stream}: {exc.description}") from exc
+        return await self._stream_info()
+
+    async def _stream_info(self) -> dict[str, Any]:
+        """STREAM.INFO, answered by the stream's leader: the log's end as the quorum has it."""
+        assert self.nc is not None
+        reply = await self.nc.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", timeout=APPEND_TRY)
+        info: dict[str, Any] = json.loads(reply.data)
+        error = info.get("error")
+        if error:
+            raise nats.js.errors.APIError.from_error(error)
+        return info
+
+    async def _bucket(self) -> Any:
+        name = f"pykine-{self.config.bucket}"
+        try:
+            return await self.js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_key_value(bucket=name, history=1, replicas=self.config.replicas)
+
+    def _view_path(self) -> str:
+        """This process's view file: the first of `nats-<bucket>[-n].db` no other process holds.
+
+        Instances started in one directory each keep a view of their own; a
+        restarted one finds the view it left and applies only what it missed.
+        """
+        directory = self.config.view_dir
+        os.makedirs(directory, exist_ok=True)
+        for n in range(1, 1000):
+            path = os.path.join(directory, f"nats-{self.config.bucket}{'' if n == 1 else f'-{n}'}.db")
+            descriptor = os.open(path + "-owner", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                continue
+            self._view_lock = descriptor
+            return path
+        raise BackendError(f"no free view file in {directory}")
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._duty_revision:  # hand the duties on now rather than after DUTY_TIMEOUT
+            with contextlib.suppress(Exception):
+                await self.kv.delete("duties", last=self._duty_revision)
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        if self.view is not None:
+            await self.view.close()
+        if self._view_lock is not None:
+            os.close(self._view_lock)
+            self._view_lock = None
+        await self._stop_server()
+
+    async def _stop_server(self) -> None:
+        if self._server is not None:
+            await self._server.stop()
+
+    async def _connection_error(self, exc: Exception) -> None:
+        if not self._closing:
+            log.warning("nats: %s", exc or type(exc).__name__)
+
+    async def _disconnected(self) -> None:
+        if not self._closing:
+            log.warning("nats: disconnected")
+
+    async def _reconnected(self) -> None:
+        log.info("nats: reconnected to %s", self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?")
+
+    # -- following the log ----------------------------------------------------------
+
+    async def _subscribe(self) -> None:
+        """An ordered consumer from the view's next position: JetStream pushes every entry, in order."""
+        assert self.view is not None
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+        self._subscription = await self.js.subscribe(
+            self.subject,
+            cb=self._arrive,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=self.view.position + 1),
+            idle_heartbeat=1.0,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+
+    async def _arrive(self, msg: Msg) -> None:
+        try:
+            entry: Entry | None = decode(msg.data)
+        except EntryError as exc:
+            log.error("nats: skipping log entry %d: %s", msg.metadata.sequence.stream, exc)
+            entry = None
+        self._arrived.append((msg.metadata.sequence.stream, entry))
+        self._arrival.set()
+
+    async def _apply_loop(self) -> None:
+        """Apply what arrived, in transactions of up to APPLY_BATCH entries."""
+        assert self.view is not None
+        while True:
+            await self._arrival.wait()
+            self._arrival.clear()
+            while self._arrived:
+                batch, self._arrived = self._arrived[:APPLY_BATCH], self._arrived[APPLY_BATCH:]
+                before = self.view.position
+                compact = self._compact_revision(batch)
+                try:
+                    await self.view.apply(batch)
+                except ValueError as exc:  # a gap: the consumer skipped entries; start it again after the view
+                    log.warning("nats: %s; resubscribing", exc)
+                    self._arrived.clear()
+                    await self._subscribe()
+                    break
+                if self.view.position > before:
+                    self._foreign.set()
+                    self._wake_readers()
+                if compact:
+                    self._compact_wake.set()
+
+    @staticmethod
+    def _compact_revision(batch: list[tuple[int, Entry | None]]) -> bool:
+        return any(isinstance(entry, WriteSet) and entry.compact_revision > 0 for _, entry in batch)
+
+    def _wake_readers(self) -> None:
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    async def _reach(self, position: int, timeout: float | None = APPEND_TIMEOUT) -> None:
+        """Wait until the view has applied the log through `position`."""
+        assert self.view is not None
+        started = time.monotonic()
+        stalled_at = started
+        last_seen = self.view.position
+        while self.view.position < position:
+            now = time.monotonic()
+            if timeout is not None and now - started > timeout:
+                raise TimeoutError(f"the view is at {self.view.position}, behind the log's end {position}")
+            if self.view.position != last_seen:
+                last_seen, stalled_at = self.view.position, now
+            elif now - stalled_at > CATCH_UP_STALL:
+                log.warning("nats: no log entries after %d for %.0f s; resubscribing", last_seen, now - stalled_at)
+                await self._subscribe()
+                stalled_at = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), 0.5)
+
+    async def _log_end(self) -> int:
+        info = await self._stream_info()
+        return int(info["state"]["last_seq"])
+
+    async def _read_index(self) -> None:
+        """ReadIndex: learn the log's end from the leader after this call began, then wait for the view to get there.
+
+        Reads that come while a STREAM.INFO is on its way share the next one,
+        so one round trip serves every read of a burst.
+        """
+        if self._index_running is None:
+            future = self._index_running = asyncio.ensure_future(self._log_end())
+            future.add_done_callback(self._index_done)
+        else:
+            if self._index_next is None:
+                self._index_next = asyncio.get_running_loop().create_future()
+            future = self._index_next
+        await self._reach(await asyncio.shield(future))
+
+    def _index_done(self, _: asyncio.Future[int]) -> None:
+        waiting, self._index_next = self._index_next, None
+        self._index_running = None
+        if waiting is None:
+            return
+        running = self._index_running = asyncio.ensure_future(self._log_end())
+        running.add_done_callback(self._index_done)
+
+        def hand_over(done: asyncio.Future[int]) -> None:
+            if waiting.done():
+                return
+            if done.cancelled():
+                waiting.cancel()
+            elif done.exception() is not None:
+                waiting.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                waiting.set_result(done.result())
+
+        running.add_done_callback(hand_over)
+
+    # -- appending ----------------------------------------------------------------------
+
+    async def _append(self, entry: Entry, position: int) -> int:
+        """Append `entry` as the log's next message after `position`; returns its sequence.
+
+        A try that times out (a leader election, a lost connection) is
+        repeated with the same message id: JetStream stores a message id once,
+        so the entry lands at most once however many tries reach it.
+        """
+        self._appends += 1
+        headers = {
+            "Nats-Expected-Last-Sequence": str(position),
+            "Nats-Msg-Id": f"{self._writer}-{self._appends}",
+        }
+        payload = encode(entry)
+        started = time.monotonic()
+        while True:
+            try:
+                ack = await self.js.publish(self.subject, payload, timeout=APPEND_TRY, headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    found = re.search(r"(\d+)\s*$", exc.description or "")
+                    raise LogConflict(int(found.group(1)) if found else position + 1) from None
+                if exc.code != 503 or time.monotonic() - started > APPEND_TIMEOUT:
+                    raise
+            except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError,
+                    nats.errors.ConnectionClosedError, nats.errors.NoRespondersError):  # fmt: skip
+                if time.monotonic() - started > APPEND_TIMEOUT:
+                    raise
+            else:
+                elapsed = time.monotonic() - started
+                if elapsed > self.config.slow_method:
+                    log.warning("nats: slow append: %.3f s", elapsed)
+                return int(ack.seq)
+            await asyncio.sleep(0.05)
+
+    async def _appended(self, write: Callable[[], Any]) -> Any:
+        """Run a view write that appends; after another instance's append, catch up and do it again."""
+        while True:
+            try:
+                result = await write()
+            except LogConflict as conflict:
+                await self._reach(conflict.last)
+                continue
+            self._wake_readers()
+            return result
+
+    async def commit(self, reads: ReadSet, plan: Plan[T]) -> tuple[WriteSet, T]:
+        assert self.view is not None
+        view = self.view
+        result: tuple[WriteSet, T] = await self._appended(lambda: view.commit_logged(reads, plan, self._append))
+        if result[0].compact_revision > 0:
+            self._compact_wake.set()
+        return result
+
+    async def update_document(self, name: str, change: DocumentChange) -> tuple[int, bytes]:
+        assert self.view is not None
+        view = self.view
+        result: tuple[int, bytes] = await self._appended(
+            lambda: view.update_document_logged(name, change, self._append)
+        )
+        return result
+
+    async def set_alarm(self, member_id: int, alarm: int, raised: bool) -> None:
+        assert self.view is not None
+        view = self.view
+        await self._appended(lambda: view.append_logged(AlarmWrite(member_id, alarm, raised), self._append))
+
+    async def renew_leases(self, now: float) -> None:
+        assert self.view is not None
+        view = self.view
+        await self._appended(lambda: view.append_logged(LeaseRenewal(now), self._append))
+
+    # -- reads: ReadIndex, then the view -------------------------------------------------
+
+    async def cluster_id(self) -> int:
+        return self._cluster_id
+
+    async def revisions(self) -> tuple[int, int]:
+        assert self.view is not None
+        await self._read_index()
+        return await self.view.revisions()
+
+    async def read_range(self, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
+        assert self.view is not None
+        await self._read_index()
+        return await self.view.read_range(query, known)
+
+    async def read_snapshot(self, reads: ReadSet) -> Snapshot:
+        assert self.view is not None
+        await self._read_index()
+        return await self.view.read_snapshot(reads)
+
+    async def read_history(self, first: int, last: int, span: KeySpan) -> HistoryRows:
+        assert self.view is not None
+        return await self.view.read_history(first, last, span)
+
+    async def read_lease(self, lease_id: int, with_keys: bool) -> tuple[int, LeaseRow | None, list[bytes]]:
+        assert self.view is not None
+        await self._read_index()
+        return await self.view.read_lease(lease_id, with_keys)
+
+    async def lease_ids(self) -> tuple[int, list[int]]:
+        assert self.view is not None
+        await self._read_index()
+        return await self.view.lease_ids()
+
+    async def due_leases(self, now: float, limit: int) -> list[int]:
+        assert self.view is not None
+        return await self.view.due_leases(now, limit)
+
+    async def alarms(self) -> list[tuple[int, int]]:
+        assert self.view is not None
+        return await self.view.alarms()
+
+    async def read_document(self, name: str) -> tuple[int, bytes]:
+        assert self.view is not None
+        return await self.view.read_document(name)
+
+    async def wait_for_commits(self) -> None:
+        """Until the view applies another instance's entries."""
+        await self._foreign.wait()
+        self._foreign.clear()
+
+    # -- duties and members, in the KV bucket ----------------------------------------------
+
+    async def claim_duties(self) -> bool:
+        """Hold the `duties` key: create it, or take it over once its holder stopped renewing it."""
+        now = time.time()
+        if now - self._duty_held_at < DUTY_RENEW:
+            return True
+        mine = json.dumps({"holder": self._holder, "at": now}).encode()
+        self._duty_held_at = self._duty_revision = 0
+        try:
+            try:
+                found = await self.kv.get("duties")
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                revision = await self.kv.create("duties", mine)
+            else:
+                holder = json.loads(found.value or b"{}")
+                if holder.get("holder") != self._holder and now - float(holder.get("at", 0)) < DUTY_TIMEOUT:
+                    return False
+                revision = await self.kv.update("duties", mine, last=found.revision)
+        except nats.js.errors.APIError:  # another instance claimed or renewed it first
+            return False
+        self._duty_held_at, self._duty_revision = now, revision
+        return True
+
+    async def heartbeat(self, member: MemberRow, now: float) -> None:
+        value = json.dumps({"name": member.name, "client_url": member.client_url, "seen_at": now}).encode()
+        await self.kv.put(f"member.{member.id}", value)
+
+    async def members(self, since: float) -> list[MemberRow]:
+        try:
+            keys = await self.kv.keys(filters=["member.*"])
+        except nats.js.errors.NoKeysError:
+            return []
+        found = []
+        for key in keys:
+            try:
+                entry = await self.kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                continue
+            fields = json.loads(entry.value or b"{}")
+            if fields.get("seen_at", 0) >= since:
+                found.append(MemberRow(int(key.split(".", 1)[1]), fields["name"], fields["client_url"]))
+        return sorted(found)
+
+    async def leave(self, member_id: int) -> None:
+        await self.kv.purge(f"member.{member_id}")
+
+    # -- compaction and maintenance ----------------------------------------------------------
+
+    async def _compact_loop(self) -> None:
+        """Compact this view's history up to the compact revision the log has reached (each view does its own)."""
+        assert self.view is not None
+        while True:
+            await self._compact_wake.wait()
+            self._compact_wake.clear()
+            while True:
+                target, done = await self.view.compaction_progress()
+                if done >= target:
+                    break
+                await self.view.compact_step(target, 1000)
+                await asyncio.sleep(0)
+
+    async def compact_step(self, target: int, max_revisions: int) -> int:
+        assert self.view is not None
+        return await self.view.compact_step(target, max_revisions)
+
+    async def compaction_progress(self) -> tuple[int, int]:
+        assert self.view is not None
+        return await self.view.compaction_progress()
+
+    async def status(self) -> StorageStatus:
+        assert self.view is not None
+        return await self.view.status()
+
+    async def defragment(self) -> None:
+        assert self.view is not None
+        await self.view.defragment()
