@@ -1,4 +1,4 @@
-"""Three pykine processes on one PostgreSQL or MySQL database behave like one etcd.
+"""Three pykine processes on one PostgreSQL or MySQL database, or one 3-node NATS cluster, behave like one etcd.
 
 Several instances behind a load balancer are how pykine scales out, so this
 drives three of them at once from many threads and checks what a single etcd
@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ import databases
 import grpc
 import pytest
 from harness import KeepAliveStream, PykineServer, WatchSession, call, pb
+from natscluster import NatsCluster
 
 INSTANCES = 3
 THREADS_PER_INSTANCE = 3
@@ -375,6 +376,22 @@ def percentile(samples: list[float], share: float) -> float:
 
 # -- the test ----------------------------------------------------------------------------------------------------
 
+KINDS = ["postgres", "mysql", "nats"]
+
+
+@pytest.fixture
+def endpoint(kind: str) -> Iterator[str]:
+    """A fresh shared datastore: a database, or a bucket on a 3-node NATS cluster with 3 replicas."""
+    name = f"pykine_multi_{secrets.token_hex(6)}"
+    if kind != "nats":
+        yield databases.database_endpoint(kind, name)
+        return
+    cluster = NatsCluster(3).start()
+    try:
+        yield cluster.endpoint(name)
+    finally:
+        cluster.destroy()
+
 
 def range_all(server: PykineServer, key: bytes, range_end: bytes = b"") -> Any:
     outcome = call(server, "KV", "Range", pb.RangeRequest(key=key, range_end=range_end))
@@ -382,11 +399,10 @@ def range_all(server: PykineServer, key: bytes, range_end: bytes = b"") -> Any:
     return outcome.response
 
 
-@pytest.mark.parametrize("kind", ["postgres", "mysql"])
-def test_three_instances_on_one_database_are_one_linearizable_store(kind: str) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_three_instances_on_one_database_are_one_linearizable_store(kind: str, endpoint: str) -> None:
     """Concurrent writes through three instances of one database: one history, linearizable, seen alike."""
     workdir = tempfile.mkdtemp(prefix="pykine-multi-")
-    endpoint = databases.database_endpoint(kind, f"pykine_multi_{secrets.token_hex(6)}")
     servers: list[PykineServer] = []
     logs: list[EventLog] = []
     started = time.monotonic()
@@ -580,15 +596,15 @@ def test_checker_accepts_a_legal_race_and_flags_each_kind_of_violation() -> None
     assert flagged(torn, {0: 2}, "read")
 
 
-@pytest.mark.parametrize("kind", ["postgres", "mysql"])
-def test_duties_pass_to_another_instance_when_their_holder_dies(kind: str) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_duties_pass_to_another_instance_when_their_holder_dies(kind: str, endpoint: str) -> None:
     """kill -9 the instance that expires leases: another takes the duty lock and expires them instead.
 
     The first instance to start holds the duties. Once it is killed, the database drops its
-    lock with its connection, a survivor claims it (renewing every lease, as a new etcd leader
+    lock with its connection (on NATS, the claim runs out when its holder stops renewing it),
+    a survivor claims it (renewing every lease, as a new etcd leader
     does) and the lease granted through the survivor still expires, its key deleted once.
     """
-    endpoint = databases.database_endpoint(kind, f"pykine_duty_{secrets.token_hex(6)}")
     workdir = tempfile.mkdtemp(prefix="pykine-duty-")
     holder = PykineServer(os.path.join(workdir, "holder"), endpoint=endpoint)
     survivor = PykineServer(os.path.join(workdir, "survivor"), endpoint=endpoint)
