@@ -256,9 +256,12 @@ def database_endpoint(kind: str, name: str, base: str | None = None) -> str:
     """The endpoint of database `name` on a server of `kind`; it is dropped when the tests end."""
     base = base or server_url(kind)
     _databases.add((kind, base, name))
-    if kind == "nats":
-        return f"{base}?bucket={name}"
-    return f"{base}/{name}"
+    return datastore_url(kind, base, name)
+
+
+def datastore_url(kind: str, base: str, name: str) -> str:
+    """The DSN of datastore `name` on the server at `base`: a database, or a NATS bucket."""
+    return f"{base}?bucket={name}" if kind == "nats" else f"{base}/{name}"
 
 
 def drop_database(kind: str, base: str, name: str) -> None:

@@ -1,4 +1,4 @@
-"""The database goes down under load and comes back: pykine must ride it out without a restart.
+"""The database (or NATS server) goes down under load and comes back: pykine must ride it out without a restart.
 
 While the database is down every request fails with UNAVAILABLE (a client retries those),
 not with INTERNAL and not by outliving the client's deadline; pykine itself stays up.
@@ -177,7 +177,7 @@ def describe_gaps(watched: list[int], last: int) -> str:
     return f"{len(watched)} events up to {last}: missing {missing[:20]}, out of order {out_of_order[:20]}"
 
 
-CASES = [("postgres", "fast"), ("mysql", "fast"), ("mysql", "crash")]
+CASES = [("postgres", "fast"), ("mysql", "fast"), ("mysql", "crash"), ("nats", "fast"), ("nats", "crash")]
 
 
 @pytest.mark.parametrize(("kind", "how"), CASES, ids=[f"{kind}-{how}" for kind, how in CASES])
@@ -187,7 +187,7 @@ def test_database_outage_under_load(kind: str, how: str, tmp_path: Path) -> None
     pykine's log and the database's stay in tmp_path (pytest keeps the last few runs').
     """
     server = databases.owned_server(kind)
-    pykine = PykineServer(str(tmp_path), endpoint=f"{server.url}/kubernetes_outage")
+    pykine = PykineServer(str(tmp_path), endpoint=databases.datastore_url(kind, server.url, "kubernetes_outage"))
     watch: WatchSession | None = None
     load: Load | None = None
     try:
