@@ -65,8 +65,10 @@ class Load:
     as a retrying client would.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tag: bytes = b"") -> None:
         self.address = address
+        # Told apart from other loads' keys and values (several loads on one datastore).
+        self.tag = tag
         self.lock = threading.Lock()
         self.attempts: list[Attempt] = []
         self.halt = threading.Event()
@@ -85,7 +87,8 @@ class Load:
                     request: Any = pb.RangeRequest(key=PREFIX, range_end=PREFIX_END, count_only=True)
                     method = stub.Range
                 else:
-                    key, value = PREFIX + b"w%d/%06d" % (writer, number), b"value-%d-%d" % (writer, number)
+                    key = PREFIX + self.tag + b"w%d/%06d" % (writer, number)
+                    value = b"value-%s%d-%d" % (self.tag, writer, number)
                     attempt = Attempt(key, value, started=time.monotonic())
                     request, method = pb.PutRequest(key=key, value=value), stub.Put
                 try:
