@@ -170,6 +170,23 @@ class PykineServerSpec(PykineSpec):
         databases.drop_database(kind, self.server, self.database)
 
 
+@dataclass
+class PykineNatsClusterSpec(PykineSpec):
+    """pykine on a bucket with 3 replicas on a 3-node NATS cluster started for the run (tests/natscluster.py).
+
+    The cluster's processes are not pykine's children: its CPU and memory are not in the row.
+    """
+
+    def setup(self, workdir: Path) -> None:
+        from natscluster import NatsCluster
+
+        self.cluster = NatsCluster(3).start()
+        self.endpoint = self.cluster.endpoint("bench").replace("bucket=", "viewDir={workdir}&bucket=")
+
+    def teardown(self, workdir: Path) -> None:
+        self.cluster.destroy()
+
+
 # The first selected server is the baseline the others are compared with.
 SERVERS: list[ServerSpec] = [
     EtcdSpec("etcd", "etcd 3.4 (Debian), one member, data in a temporary directory"),
@@ -188,6 +205,15 @@ SERVERS: list[ServerSpec] = [
         "pykine-mysql",
         "pykine on MariaDB (the machine's server, default settings: InnoDB flush at each commit)",
         server=os.environ.get("PYKINE_BENCH_MYSQL", "mysql://root@tcp(127.0.0.1:3306)"),
+    ),
+    PykineSpec(
+        "pykine-nats",
+        "pykine on NATS JetStream: its embedded nats-server (a child process, counted in the row), one replica",
+        endpoint="nats://?bucket=bench&dataDir={workdir}/nats&viewDir={workdir}",
+    ),
+    PykineNatsClusterSpec(
+        "pykine-nats-r3",
+        "pykine on a 3-node NATS cluster on loopback, 3 replicas (the cluster's CPU and memory not counted)",
     ),
 ]
 
@@ -616,7 +642,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [spec.name for spec in SERVERS]
     parser.add_argument(
         "--servers",
-        default="etcd,pykine,pykine-pg,pykine-mysql",
+        default="etcd,pykine,pykine-pg,pykine-mysql,pykine-nats,pykine-nats-r3",
         help=f"comma-separated, in order; the first is the baseline (known: {', '.join(names)})",
     )
     parser.add_argument("--tls", action="store_true", help="every server on TLS requiring client certificates (mTLS)")
