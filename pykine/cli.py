@@ -264,6 +264,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         fail(f"--emulated-etcd-version must look like 3.5.13, got {args.emulated_etcd_version!r}")
     if args.identity_provider not in ("", "aws"):
         fail(f"--identity-provider must be aws, got {args.identity_provider!r}")
+    if args.workers > 1 and re.fullmatch(r"nats://(\?.*)?", args.endpoint):
+        fail("--workers needs a NATS DSN with a host: an embedded NATS server belongs to one process")
     tls = _client_tls(args)
     if tls is None and args.listen_address.startswith(SECURE_SCHEMES):
         fail(f"--listen-address {args.listen_address} needs --server-cert-file and --server-key-file")

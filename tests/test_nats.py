@@ -224,3 +224,9 @@ def test_a_view_of_a_deleted_stream_starts_again(workdir: str) -> None:
             assert (got.count, got.header.revision) == (0, 1)
         finally:
             server.stop()
+
+
+def test_workers_need_a_nats_server_of_their_own() -> None:
+    """Each --workers process is a NATS client with a view of its own; an embedded server cannot be shared."""
+    line = refused("nats://?bucket=w", "--workers=2")
+    assert "--workers needs a NATS DSN with a host" in line, line
