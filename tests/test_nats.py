@@ -145,6 +145,7 @@ def test_tls_with_ca_file(certificates: Certificates) -> None:
     with nats_server(tls) as server:
         host = server.url.removeprefix("nats://")
         serves(f"tls://{host}?bucket={fresh_name('tls')}", f"--ca-file={certificates.ca}")
+        serves(f"tls://{host}?bucket={fresh_name('tls')}", "--skip-verify")  # encrypted, unverified
         line = refused(f"tls://{host}?bucket={fresh_name('tls')}", f"--ca-file={certificates.other_ca}")
         assert "CERTIFICATE_VERIFY_FAILED" in line, line
 

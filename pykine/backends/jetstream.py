@@ -82,6 +82,8 @@ APPEND_TRY = 1.0
 # A read that finds its view behind the log's end for this long resubscribes to the log.
 CATCH_UP_STALL = 3.0
 APPLY_BATCH = 1000
+# Entries received and not yet applied before the consumer is made to wait.
+MAX_QUEUED = 10 * APPLY_BATCH
 CONNECT_ROUNDS = 3
 CONNECT_TIMEOUT = 20.0
 DUTY_RENEW = 1.0
@@ -224,6 +226,7 @@ class JetStreamBackend(Backend):
         self._parts: list[bytes] = []
         self._parts_from = 0
         self._arrival = asyncio.Event()
+        self._room = asyncio.Event()
         self._advanced = asyncio.Event()
         self._foreign = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -474,30 +477,53 @@ class JetStreamBackend(Backend):
             entry = None
         self._arrived.append((first, sequence, entry))
         self._arrival.set()
+        while len(self._arrived) >= MAX_QUEUED:  # hold the consumer (and, by flow control, the server) back
+            self._room.clear()
+            await self._room.wait()
 
     async def _apply_loop(self) -> None:
-        """Apply what arrived, in transactions of up to APPLY_BATCH entries."""
+        """Apply what arrived, in transactions of up to APPLY_BATCH entries; a failure is retried, never dropped."""
         assert self.view is not None
+        failing = False
         while True:
             await self._arrival.wait()
             self._arrival.clear()
             while self._arrived:
-                batch, self._arrived = self._arrived[:APPLY_BATCH], self._arrived[APPLY_BATCH:]
+                batch = self._arrived[:APPLY_BATCH]
                 before = self.view.position
-                compact = self._compact_revision(batch)
                 try:
                     await self.view.apply(batch)
                 except ValueError as exc:  # a gap: the consumer skipped entries; start it again after the view
                     log.warning("nats: %s; resubscribing", exc)
                     self._arrived.clear()
                     self._parts = []
-                    await self._subscribe()
+                    self._room.set()
+                    await self._resubscribe()
                     break
+                except Exception as exc:  # the view's disk: keep the entries and try again
+                    if not failing:
+                        log.error("nats: applying log entries to the view failed, retrying: %s", exc)
+                    failing = True
+                    await asyncio.sleep(1)
+                    continue
+                failing = False
+                del self._arrived[: len(batch)]
+                self._room.set()
                 if self.view.position > before:
                     self._foreign.set()
                     self._wake_readers()
-                if compact:
+                if self._compact_revision(batch):
                     self._compact_wake.set()
+
+    async def _resubscribe(self) -> None:
+        """_subscribe, until NATS answers."""
+        while True:
+            try:
+                await self._subscribe()
+                return
+            except Exception as exc:
+                log.warning("nats: following the log again failed, retrying: %s", exc)
+                await asyncio.sleep(1)
 
     @staticmethod
     def _compact_revision(batch: list[tuple[int, int, Entry | None]]) -> bool:
@@ -800,12 +826,17 @@ class JetStreamBackend(Backend):
         while True:
             await self._compact_wake.wait()
             self._compact_wake.clear()
-            while True:
-                target, done = await self.view.compaction_progress()
-                if done >= target:
-                    break
-                await self.view.compact_step(target, 1000)
-                await asyncio.sleep(0)
+            try:
+                while True:
+                    target, done = await self.view.compaction_progress()
+                    if done >= target:
+                        break
+                    await self.view.compact_step(target, 1000)
+                    await asyncio.sleep(0)
+            except Exception as exc:
+                log.error("nats: compacting the view failed, retrying: %s", exc)
+                await asyncio.sleep(1)
+                self._compact_wake.set()
 
     async def compact_step(self, target: int, max_revisions: int) -> int:
         assert self.view is not None
