@@ -10,7 +10,9 @@ Maintenance.Status answer:
 
 - catch-up: an instance whose view stopped at the previous step applies what it missed;
 - restart: the same instance again, its view current (the common case: a pykine restart);
-- new: an instance with no view at all, replaying the whole log.
+- new: an instance with no view at all, replaying the whole log, or with
+  --snapshot-entries, starting from the snapshot of a view that the instance
+  above stored (the log's tail after it is replayed).
 
     .venv/bin/python bench/nats_startup.py [--keys 100000] [--revisions 1000000] [--steps 4]
 
@@ -26,6 +28,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import run  # bench/run.py: spawning and timing servers
@@ -85,10 +88,16 @@ async def append(url: str, history: History, until: int, per_entry: int) -> int:
     return position
 
 
-def timed_start(workdir: Path, endpoint: str) -> float:
+def timed_start(workdir: Path, endpoint: str, until_snapshot: int = 0) -> float:
+    """Spawn to the first Status answer; with `until_snapshot`, keep it running until it stored a snapshot there."""
     spec = run.PykineSpec("pykine-nats", "", endpoint=endpoint)
     running = run.start(spec, workdir, None)
     seconds = running.start_seconds
+    deadline = time.monotonic() + 600
+    while until_snapshot and f"snapshot of the view at log position {until_snapshot}" not in running.log_tail(100_000):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no snapshot at {until_snapshot}:\n{running.log_tail()}")
+        time.sleep(0.2)
     run.stop(running)
     return seconds
 
@@ -100,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--per-entry", type=int, default=100, help="revisions per log entry")
     parser.add_argument("--value-size", type=int, default=128)
+    parser.add_argument("--snapshot-entries", type=int, default=0, help="pykine's snapshotEntries (0: no snapshots)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     run.START_TIMEOUT = 3600.0  # a new instance replays everything
     cluster = NatsCluster(1).start()
     scratch = Path(tempfile.mkdtemp(prefix="pykine-nats-startup-"))
-    endpoint = f"{cluster.url}?bucket={BUCKET}&viewDir=" + "{workdir}"
+    snapshots = f"&snapshotEntries={args.snapshot_entries}" if args.snapshot_entries else ""
+    endpoint = f"{cluster.url}?bucket={BUCKET}{snapshots}&viewDir=" + "{workdir}"
     kept = scratch / "kept"
     kept.mkdir()
     rows = []
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             target = 1 + args.revisions * step // args.steps
             position = asyncio.run(append(cluster.url, history, target, args.per_entry))
             row = {"revisions": history.revision, "log_entries": position}
-            row["catch_up"] = timed_start(kept, endpoint)
+            # The catch-up start stays up until it has stored a snapshot at the log's end (it holds the duties).
+            row["catch_up"] = timed_start(kept, endpoint, position + 1 if args.snapshot_entries else 0)
             row["restart"] = timed_start(kept, endpoint)
             fresh = scratch / f"new-{step}"
             fresh.mkdir()

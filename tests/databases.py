@@ -285,7 +285,7 @@ def drop_database(kind: str, base: str, name: str) -> None:
 
 
 def drop_bucket(url: str, bucket: str) -> None:
-    """Delete a pykine NATS datastore: its log stream and its KV bucket."""
+    """Delete a pykine NATS datastore: its log stream, its KV bucket and its snapshots."""
     import asyncio
 
     import nats
@@ -294,7 +294,7 @@ def drop_bucket(url: str, bucket: str) -> None:
         nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
         try:
             js = nc.jetstream()
-            for stream in (f"PYKINE_{bucket}", f"KV_pykine-{bucket}"):
+            for stream in (f"PYKINE_{bucket}", f"KV_pykine-{bucket}", f"OBJ_pykine-{bucket}-snapshots"):
                 with contextlib.suppress(Exception):
                     await js.delete_stream(stream)
         finally:

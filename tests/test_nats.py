@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import databases
@@ -231,3 +232,52 @@ def test_workers_need_a_nats_server_of_their_own() -> None:
     """Each --workers process is a NATS client with a view of its own; an embedded server cannot be shared."""
     line = refused("nats://?bucket=w", "--workers=2")
     assert "--workers needs a NATS DSN with a host" in line, line
+
+
+def stream_state(url: str, stream: str) -> dict[str, int]:
+    import asyncio
+
+    import nats
+
+    async def read() -> dict[str, int]:
+        nc = await nats.connect(url)
+        try:
+            return json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"")).data)["state"]  # type: ignore[no-any-return]
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_snapshots_trim_the_log_and_start_new_instances(workdir: str) -> None:
+    """The duty holder stores a snapshot of its view every snapshotEntries entries and trims the log below it;
+    a new instance starts from the snapshot and the log's tail, with the same data as the others."""
+    with nats_server() as nats:
+        endpoint = f"{nats.url}?bucket=snap&snapshotEntries=50"
+        first = PykineServer(os.path.join(workdir, "first"), endpoint=endpoint)
+        second = PykineServer(os.path.join(workdir, "second"), endpoint=endpoint)
+        for server in (first, second):
+            os.mkdir(server.workdir)
+        first.start()
+        try:
+            for n in range(300):
+                assert call(first, "KV", "Put", pb.PutRequest(key=b"s/%03d" % n, value=b"v%d" % n)).ok
+            deadline = time.monotonic() + 30
+            while stream_state(nats.url, "PYKINE_snap")["first_seq"] < 250:
+                assert time.monotonic() < deadline, f"the log was never trimmed:\n{first.log()}"
+                time.sleep(0.2)
+            assert "stored a snapshot of the view" in first.log()
+            second.start()
+            assert "restoring the view from the snapshot" in second.log(), second.log()
+            for n in range(300, 310):  # the tail after the snapshot, from either instance
+                assert call(second if n % 2 else first, "KV", "Put", pb.PutRequest(key=b"s/%03d" % n, value=b"x")).ok
+            answers = [
+                call(s, "KV", "Range", pb.RangeRequest(key=b"s/", range_end=b"s0")).response for s in (first, second)
+            ]
+            assert answers[0].kvs == answers[1].kvs and answers[0].header.revision == answers[1].header.revision
+            assert answers[0].count == 310
+            history = call(second, "KV", "Range", pb.RangeRequest(key=b"s/000", revision=2)).response
+            assert [kv.value for kv in history.kvs] == [b"v0"]  # history came with the snapshot
+        finally:
+            first.stop()
+            second.stop()

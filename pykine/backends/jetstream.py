@@ -88,7 +88,13 @@ CONNECT_ROUNDS = 3
 CONNECT_TIMEOUT = 20.0
 DUTY_RENEW = 1.0
 DUTY_TIMEOUT = 5.0
+SNAPSHOT = "view"
+SNAPSHOT_CHECK = 5.0
+POSITION_INTERVAL = 2.0
+# A view not heard from for this long no longer holds back trimming (it restores a snapshot when it returns).
+POSITION_TIMEOUT = 30.0
 KNOWN_OPTIONS = {
+    "snapshotEntries",
     "bucket",
     "replicas",
     "revHistory",
@@ -127,6 +133,8 @@ class NatsConfig:
     embedded_host: str = ""
     embedded_port: int = 0
     stdout_logging: bool = False
+    # Log entries between snapshots of a view; a view further behind than this starts from the snapshot.
+    snapshot_entries: int = 100_000
 
     @property
     def embedded(self) -> bool:
@@ -169,6 +177,10 @@ def parse_dsn(dsn: str) -> NatsConfig:
             config.data_dir = value
         elif name == "viewDir":
             config.view_dir = value
+        elif name == "snapshotEntries":
+            if not value.isdigit() or int(value) < 1:
+                raise BackendError(f"invalid snapshotEntries {value!r}, must be a positive number of log entries")
+            config.snapshot_entries = int(value)
         elif name == "noEmbed":
             no_embed = True
         elif name == "stdoutLogging":
@@ -215,6 +227,9 @@ class JetStreamBackend(Backend):
         self.js: Any = None
         self.kv: Any = None
         self.view: LogView | None = None
+        self.snapshots: Any = None
+        # The log position of the newest snapshot this process knows of.
+        self._snapshot_position = 0
         self._server: EmbeddedServer | None = None
         self._view_lock: int | None = None
         self._cluster_id = 0
@@ -226,7 +241,7 @@ class JetStreamBackend(Backend):
         self._parts: list[bytes] = []
         self._parts_from = 0
         self._arrival = asyncio.Event()
-        self._room = asyncio.Event()
+        self._drained = asyncio.Event()
         self._advanced = asyncio.Event()
         self._foreign = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -277,9 +292,13 @@ class JetStreamBackend(Backend):
             self.kv = await self._bucket()
             self._cluster_id = int.from_bytes(hashlib.sha256(f"{self.stream} {info['created']}".encode()).digest()[:8])
             self._cluster_id = (self._cluster_id >> 1) or 1
-            self.view = LogView(self._view_path())
-            self._holder = f"{socket.gethostname()}:{os.path.abspath(self.view.path)}"
+            self.snapshots = await self._snapshot_store()
+            path = self._view_path()
+            self._holder = f"{socket.gethostname()}:{os.path.abspath(path)}"
+            await self._restore_if_behind(path, int(info["state"]["first_seq"]))
+            self.view = LogView(path)
             await self.view.open(self._cluster_id)
+            self._snapshot_position = self.view.position
             end = await self._log_end()
             log.info(
                 "nats: stream %s, view %s at log position %d of %d",
@@ -292,6 +311,8 @@ class JetStreamBackend(Backend):
             self._tasks = [
                 asyncio.create_task(self._apply_loop(), name="pykine-nats-apply"),
                 asyncio.create_task(self._compact_loop(), name="pykine-nats-compact-view"),
+                asyncio.create_task(self._snapshot_loop(), name="pykine-nats-snapshots"),
+                asyncio.create_task(self._position_loop(), name="pykine-nats-position"),
             ]
             await self._reach(end, timeout=None)
         except BaseException:
@@ -406,6 +427,9 @@ class JetStreamBackend(Backend):
         if self._duty_revision:  # hand the duties on now rather than after DUTY_TIMEOUT
             with contextlib.suppress(Exception):
                 await self.kv.delete("duties", last=self._duty_revision)
+        if self.kv is not None:  # this view no longer holds back trimming
+            with contextlib.suppress(Exception):
+                await self.kv.purge(f"position.{self._writer}")
         if self._subscription is not None:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
@@ -435,6 +459,112 @@ class JetStreamBackend(Backend):
 
     async def _reconnected(self) -> None:
         log.info("nats: reconnected to %s", self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?")
+
+    # -- snapshots of the view, and trimming the log -------------------------------------
+
+    async def _snapshot_store(self) -> Any:
+        name = f"pykine-{self.config.bucket}-snapshots"
+        try:
+            return await self.js.object_store(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_object_store(
+                name, config=api.ObjectStoreConfig(bucket=name, replicas=self.config.replicas)
+            )
+
+    async def _newest_snapshot(self) -> tuple[int, int]:
+        """(log position, log id) of the stored snapshot; (0, 0) if there is none."""
+        try:
+            info = await self.snapshots.get_info(SNAPSHOT)
+        except nats.js.errors.NotFoundError:
+            return 0, 0
+        about = json.loads(info.description or "{}")
+        return int(about.get("position", 0)), int(about.get("log_id", 0))
+
+    async def _restore_if_behind(self, path: str, first: int) -> None:
+        """Start the view from the newest snapshot when the log no longer holds what it misses, or that is quicker."""
+        position = await asyncio.to_thread(LogView.stored_position, path, self._cluster_id) or 0
+        snapshot, log_id = await self._newest_snapshot()
+        trimmed = position + 1 < first
+        if log_id != self._cluster_id or snapshot <= position:
+            if trimmed:
+                raise BackendError(
+                    f"the log starts at {first}, after this view's position {position}, and no snapshot is newer"
+                )
+            return
+        if not trimmed and snapshot - position < self.config.snapshot_entries:
+            return
+        log.info(
+            "nats: restoring the view from the snapshot at log position %d (the view was at %d)", snapshot, position
+        )
+        download = path + ".snapshot"
+        with open(download, "wb") as out:
+            await self.snapshots.get(SNAPSHOT, writeinto=out)
+        if LogView.stored_position(download, self._cluster_id) != snapshot:
+            raise BackendError("the snapshot in NATS is not a view of this log")
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
+        os.replace(download, path)
+
+    async def _snapshot_loop(self) -> None:
+        """The duty holder stores a snapshot of its view every snapshotEntries log entries, then trims the log."""
+        assert self.view is not None
+        while True:
+            await asyncio.sleep(SNAPSHOT_CHECK)
+            if not self._duty_revision or self.view.position - self._snapshot_position < self.config.snapshot_entries:
+                continue
+            try:
+                stored, _ = await self._newest_snapshot()
+                if self.view.position - stored >= self.config.snapshot_entries:
+                    stored = await self._take_snapshot()
+                self._snapshot_position = stored
+                await self._trim(stored)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("nats: storing a snapshot of the view failed: %s", exc)
+
+    async def _take_snapshot(self) -> int:
+        assert self.view is not None
+        copy = self.view.path + ".backup"
+        try:
+            position = await self.view.backup(copy)
+            about = json.dumps({"position": position, "log_id": self._cluster_id})
+            with open(copy, "rb") as data:
+                await self.snapshots.put(SNAPSHOT, data, meta=api.ObjectMeta(name=SNAPSHOT, description=about))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy)
+        log.info("nats: stored a snapshot of the view at log position %d", position)
+        return position
+
+    async def _trim(self, snapshot: int) -> None:
+        """Drop log entries that neither the snapshot nor any view still following the log needs."""
+        needed = [snapshot]
+        now = time.time()
+        try:
+            keys = await self.kv.keys(filters=["position.*"])
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in keys:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                about = json.loads((await self.kv.get(key)).value or b"{}")
+                if now - float(about.get("at", 0)) < POSITION_TIMEOUT:
+                    needed.append(int(about.get("position", 0)))
+        keep_from = min(needed) + 1
+        info = await self._stream_info()
+        if keep_from > int(info["state"]["first_seq"]):
+            await self.js.purge_stream(self.stream, seq=keep_from)
+            log.info("nats: trimmed the log below position %d", keep_from)
+
+    async def _position_loop(self) -> None:
+        """Tell the others how far this view has applied the log, so that trimming leaves what it needs."""
+        while True:
+            if self.view is not None:
+                with contextlib.suppress(Exception):
+                    about = json.dumps({"position": self.view.position, "at": time.time()}).encode()
+                    await self.kv.put(f"position.{self._writer}", about)
+            await asyncio.sleep(POSITION_INTERVAL)
 
     # -- following the log ----------------------------------------------------------
 
@@ -478,8 +608,8 @@ class JetStreamBackend(Backend):
         self._arrived.append((first, sequence, entry))
         self._arrival.set()
         while len(self._arrived) >= MAX_QUEUED:  # hold the consumer (and, by flow control, the server) back
-            self._room.clear()
-            await self._room.wait()
+            self._drained.clear()
+            await self._drained.wait()
 
     async def _apply_loop(self) -> None:
         """Apply what arrived, in transactions of up to APPLY_BATCH entries; a failure is retried, never dropped."""
@@ -495,9 +625,10 @@ class JetStreamBackend(Backend):
                     await self.view.apply(batch)
                 except ValueError as exc:  # a gap: the consumer skipped entries; start it again after the view
                     log.warning("nats: %s; resubscribing", exc)
+                    await self._check_not_trimmed()
                     self._arrived.clear()
                     self._parts = []
-                    self._room.set()
+                    self._drained.set()
                     await self._resubscribe()
                     break
                 except Exception as exc:  # the view's disk: keep the entries and try again
@@ -508,12 +639,26 @@ class JetStreamBackend(Backend):
                     continue
                 failing = False
                 del self._arrived[: len(batch)]
-                self._room.set()
+                self._drained.set()
                 if self.view.position > before:
                     self._foreign.set()
                     self._wake_readers()
                 if self._compact_revision(batch):
                     self._compact_wake.set()
+
+    async def _check_not_trimmed(self) -> None:
+        """Say so when the log was trimmed past this view (it was not heard from for POSITION_TIMEOUT)."""
+        assert self.view is not None
+        with contextlib.suppress(Exception):
+            first = int((await self._stream_info())["state"]["first_seq"])
+            if self.view.position + 1 < first:
+                log.error(
+                    "nats: the log now starts at %d, after this view's position %d: restart pykine to start"
+                    " from the newest snapshot (reads wait and fail until then)",
+                    first,
+                    self.view.position,
+                )
+                await asyncio.sleep(5)
 
     async def _resubscribe(self) -> None:
         """_subscribe, until NATS answers."""

@@ -14,6 +14,7 @@ view that lost its last commits to a power cut re-applies them from the log.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -81,6 +82,26 @@ class LogView(SQLiteBackend):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    async def backup(self, target: str) -> int:
+        """Copy the view, consistently, to the file `target`; returns the log position the copy holds."""
+
+        def copy() -> int:
+            with contextlib.closing(sqlite3.connect(target)) as out:
+                self._connection().backup(out)  # one step: a single read transaction, so one consistent state
+                return int(out.execute(SQL.meta, (POSITION,)).fetchone()[0])
+
+        return await self._on(self._readers, copy)
+
+    @staticmethod
+    def stored_position(path: str, log_id: int) -> int | None:
+        """The log position a view file holds, if it is a view of log `log_id` (None: not one)."""
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+                found = dict(conn.execute("SELECT name, value FROM meta WHERE name IN (?, ?)", (POSITION, LOG_ID)))
+        except sqlite3.Error:
+            return None
+        return int(found[POSITION]) if found.get(LOG_ID) == log_id and POSITION in found else None
 
     # -- this process's writes -----------------------------------------------------
 
