@@ -15,12 +15,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import databases
 import nkeys
 import pytest
 from harness import PykineServer, call, pb
-from test_datastore_options import Certificates, certificates, fresh_name, refused, serves
+from test_datastore_options import Certificates, certificates, fresh_name, openssl, refused, serves
 
 from pykine.backends.base import BackendError
 from pykine.backends.jetstream import NatsConfig, parse_dsn
@@ -149,6 +150,42 @@ def test_tls_with_ca_file(certificates: Certificates) -> None:
         serves(f"tls://{host}?bucket={fresh_name('tls')}", "--skip-verify")  # encrypted, unverified
         line = refused(f"tls://{host}?bucket={fresh_name('tls')}", f"--ca-file={certificates.other_ca}")
         assert "CERTIFICATE_VERIFY_FAILED" in line, line
+
+
+def test_client_certificate(certificates: Certificates, tmp_path: Path) -> None:
+    """A NATS server that verifies clients: pykine presents --cert-file/--key-file, and is refused without them."""
+    directory = str(tmp_path)
+    with open(os.path.join(directory, "client.ext"), "w") as ext:
+        ext.write("extendedKeyUsage = clientAuth\n")
+    ca_key = certificates.ca.removesuffix(".crt") + ".key"
+    openssl(
+        directory,
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=pykine",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    )
+    openssl(
+        directory,
+        *("x509", "-req", "-in", "client.csr", "-CA", certificates.ca, "-CAkey", ca_key, "-CAcreateserial"),
+        *("-days", "2", "-extfile", "client.ext", "-out", "client.crt"),
+    )
+    tls = (
+        f'tls {{ cert_file: "{certificates.server_cert}", key_file: "{certificates.server_key}",'
+        f' ca_file: "{certificates.ca}", verify: true }}\n'
+    )
+    with nats_server(tls) as server:
+        host = server.url.removeprefix("nats://")
+        client = [f"--cert-file={directory}/client.crt", f"--key-file={directory}/client.key"]
+        serves(f"tls://{host}?bucket={fresh_name('mtls')}", f"--ca-file={certificates.ca}", *client)
+        line = refused(f"tls://{host}?bucket={fresh_name('mtls')}", f"--ca-file={certificates.ca}")
+        assert "cannot connect to NATS" in line, line
 
 
 # -- the log --------------------------------------------------------------------------------------------
