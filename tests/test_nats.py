@@ -24,7 +24,7 @@ from harness import PykineServer, call, pb
 from test_datastore_options import Certificates, certificates, fresh_name, openssl, refused, serves
 
 from pykine.backends.base import BackendError
-from pykine.backends.jetstream import NatsConfig, parse_dsn
+from pykine.backends.natsconfig import NatsConfig, parse_dsn
 
 __all__ = ["certificates"]  # a fixture the TLS test uses
 
