@@ -184,3 +184,43 @@ def test_data_survives_a_restart_of_the_node(tmp_path: Path) -> None:
         finally:
             client.close()
             node.close()
+
+
+def test_the_asyncio_client_finds_the_leader_through_another_node(tmp_path: Path) -> None:
+    """A second node joins (ADD, then ASSIGN voter); asked through it, the client ends up on the leader."""
+    import asyncio
+
+    from pykine.backends.dqliteclient import NoLeader, connect_leader
+    from pykine.backends.dqlitenode import generate_node_id
+
+    first = DqliteNode(BOOTSTRAP_ID, f"127.0.0.1:{free_port()}", str(tmp_path / "first"))
+    second_address = f"127.0.0.1:{free_port()}"
+    second = DqliteNode(generate_node_id(second_address), second_address, str(tmp_path / "second"))
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+
+    async def scenario() -> None:
+        leader = await connect_leader([first.address], "pykine")
+        await leader.call(wire.add(second.id, second.address), wire.EMPTY)
+        await leader.call(wire.assign(second.id, wire.VOTER), wire.EMPTY)
+        assert sorted(await leader.cluster()) == sorted(
+            [(BOOTSTRAP_ID, first.address, wire.VOTER), (second.id, second.address, wire.VOTER)]
+        )
+        await leader.exec_sql("CREATE TABLE t (k BLOB PRIMARY KEY, v BLOB)")
+        await leader.close()
+        via_second = await connect_leader([dead, second.address], "pykine")
+        try:
+            assert via_second.address == first.address
+            await via_second.exec_sql("INSERT INTO t VALUES (?, ?)", [b"k", b"v"])
+            assert await via_second.query_sql("SELECT k, v FROM t") == [(b"k", b"v")]
+        finally:
+            await via_second.close()
+        with pytest.raises(NoLeader, match="no dqlite leader"):
+            await connect_leader([dead], "pykine")
+
+    first.start()
+    second.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        second.close()
+        first.close()

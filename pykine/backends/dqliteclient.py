@@ -1,0 +1,145 @@
+"""An asyncio client for dqlite: one connection to the leader, found by asking the nodes.
+
+Only the leader serves SQL (followers answer "not leader" to reads too), so a
+connection is made by asking known nodes who leads, as go-dqlite's connector
+does: a node that names itself is kept; one that names another sends us there
+(and that one must name itself). Requests go one at a time on a connection;
+the codec is backends/dqlitewire.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from pykine.backends import dqlitewire as wire
+
+DIAL_TIMEOUT = 5.0
+
+
+class NoLeader(Exception):
+    """No node named a leader that accepted us."""
+
+
+class Connection:
+    """One connection to a dqlite node, after the handshake."""
+
+    def __init__(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.address = address
+        self._reader = reader
+        self._writer = writer
+        self._decoder = wire.Decoder()
+        self._received: list[tuple[int, bytes]] = []
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def dial(cls, address: str) -> Connection:
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), DIAL_TIMEOUT)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(wire.handshake())
+        return cls(address, reader, writer)
+
+    async def _receive(self) -> tuple[int, bytes]:
+        while not self._received:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError(f"dqlite node {self.address} closed the connection")
+            self._received.extend(self._decoder.feed(data))
+        return self._received.pop(0)
+
+    async def call(self, request: bytes, expected: int) -> wire.Reader:
+        """Send one request and read its response, which must be of type `expected` (a FAILURE raises)."""
+        async with self._lock:
+            self._writer.write(request)
+            kind, body = await self._receive()
+        return wire.check(kind, body, expected)
+
+    async def rows(self, request: bytes) -> list[tuple[Any, ...]]:
+        """A QUERY or QUERY_SQL, with every ROWS message it is answered with."""
+        async with self._lock:
+            self._writer.write(request)
+            collected: list[tuple[Any, ...]] = []
+            while True:
+                kind, body = await self._receive()
+                wire.check(kind, body, wire.ROWS)
+                batch = wire.parse_rows(body)
+                collected += batch.rows
+                if not batch.more:
+                    return collected
+
+    async def leader(self) -> tuple[int, str]:
+        reader = await self.call(wire.leader(), wire.SERVER)
+        return reader.uint64(), reader.text()
+
+    async def exec_sql(self, sql: str, values: Sequence[Any] = ()) -> tuple[int, int]:
+        """(last insert rowid, rows changed) of a statement that returns no rows."""
+        reader = await self.call(wire.exec_sql(0, sql, values), wire.RESULT)
+        return reader.uint64(), reader.uint64()
+
+    async def query_sql(self, sql: str, values: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return await self.rows(wire.query_sql(0, sql, values))
+
+    async def cluster(self) -> list[tuple[int, str, int]]:
+        reader = await self.call(wire.cluster(), wire.SERVERS)
+        return [(reader.uint64(), reader.text(), reader.uint64()) for _ in range(reader.uint64())]
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
+async def connect_leader(addresses: Sequence[str], database: str, client_id: int = 0) -> Connection:
+    """A connection to the current leader with `database` open; NoLeader if no node leads now."""
+    order = list(addresses)
+    random.shuffle(order)
+    errors = []
+    for address in order:
+        try:
+            connection = await _via(address)
+        except (OSError, TimeoutError, ConnectionError, wire.DqliteFailure, wire.ProtocolError) as exc:
+            errors.append(f"{address}: {exc or type(exc).__name__}")
+            continue
+        if connection is None:
+            errors.append(f"{address}: knows no leader")
+            continue
+        try:
+            await connection.call(wire.client(client_id), wire.WELCOME)
+            await connection.call(wire.open_database(database), wire.DB)
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
+    raise NoLeader("no dqlite leader: " + "; ".join(errors))
+
+
+async def _via(address: str) -> Connection | None:
+    """A connection to the leader as `address` names it, or None if it names none."""
+    connection = await Connection.dial(address)
+    try:
+        _, leader = await connection.leader()
+    except BaseException:
+        await connection.close()
+        raise
+    if leader == address:
+        return connection
+    await connection.close()
+    if not leader:
+        return None
+    other = await Connection.dial(leader)
+    try:
+        _, named = await other.leader()
+    except BaseException:
+        await other.close()
+        raise
+    if named == leader:
+        return other
+    await other.close()
+    return None
