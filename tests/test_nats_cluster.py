@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -82,10 +83,14 @@ def longest_wait(puts: list[Attempt], after: float) -> tuple[float, float]:
     return max(gaps)
 
 
-def test_leader_kill_under_load(cluster: NatsCluster, workdir: str) -> None:
-    servers = start_instances(cluster, workdir, 3)
-    watches = []
-    loads = []
+@contextlib.contextmanager
+def under_load(
+    cluster: NatsCluster, workdir: str, instances: int, acks: int
+) -> Iterator[tuple[list[PykineServer], list[WatchSession], list[Load]]]:
+    """`instances` pykine instances, each with a watch from revision 1 and a load of its own, `acks` puts in."""
+    servers = start_instances(cluster, workdir, instances)
+    watches: list[WatchSession] = []
+    loads: list[Load] = []
     try:
         for server in servers:
             watches.append(WatchSession(server))
@@ -95,7 +100,19 @@ def test_leader_kill_under_load(cluster: NatsCluster, workdir: str) -> None:
         for load in loads:
             load.start()
         for load in loads:
-            load.wait_for_acks(100, timeout=30)
+            load.wait_for_acks(acks, timeout=30)
+        yield servers, watches, loads
+    finally:
+        for load in loads:
+            load.halt.set()
+        for watch in watches:
+            watch.close()
+        for server in servers:
+            server.stop()
+
+
+def test_leader_kill_under_load(cluster: NatsCluster, workdir: str) -> None:
+    with under_load(cluster, workdir, 3, 100) as (servers, watches, loads):
         leader = cluster.stream_leader(f"PYKINE_{BUCKET}")
         killed = time.monotonic()
         cluster.kill_node(leader)
@@ -118,29 +135,10 @@ def test_leader_kill_under_load(cluster: NatsCluster, workdir: str) -> None:
             f" {len(failed)} failed ({sorted({a.code.name for a in failed if a.code})}); no put acknowledged for"
             f" {window:.2f}s from {began - killed:.2f}s after the kill; {last - 1} revisions, identical on 3 watches"
         )
-    finally:
-        for load in loads:
-            load.halt.set()
-        for watch in watches:
-            watch.close()
-        for server in servers:
-            server.stop()
 
 
 def test_whole_cluster_restart_keeps_every_write(cluster: NatsCluster, workdir: str) -> None:
-    servers = start_instances(cluster, workdir, 2)
-    watches = []
-    loads = []
-    try:
-        for server in servers:
-            watches.append(WatchSession(server))
-            watches[-1].create(key=PREFIX, range_end=PREFIX_END, start_revision=1)
-            assert watches[-1].next().created
-        loads = [Load(server.address, tag=b"i%d" % n) for n, server in enumerate(servers)]
-        for load in loads:
-            load.start()
-        for load in loads:
-            load.wait_for_acks(150, timeout=30)
+    with under_load(cluster, workdir, 2, 150) as (servers, watches, loads):
         for n in range(3):
             cluster.kill_node(n)
         down = time.monotonic()
@@ -158,10 +156,3 @@ def test_whole_cluster_restart_keeps_every_write(cluster: NatsCluster, workdir: 
         puts = [a for load in loads for a in load.attempts if a.value is not None]
         last = check_history(servers, watches, puts)
         print(f"[cluster restart] {sum(a.revision is not None for a in puts)} puts acknowledged, {last - 1} revisions")
-    finally:
-        for load in loads:
-            load.halt.set()
-        for watch in watches:
-            watch.close()
-        for server in servers:
-            server.stop()
