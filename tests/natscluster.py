@@ -57,9 +57,14 @@ class NatsCluster:
         return ",".join([f"{first}?bucket={bucket}&replicas={replicas}", *rest])
 
     def start(self) -> NatsCluster:
-        for n in range(len(self.ports)):
-            self.start_node(n)
-        self.wait_for_jetstream()
+        """Every node, until JetStream can create streams; a cluster that does not get there is stopped."""
+        try:
+            for n in range(len(self.ports)):
+                self.start_node(n)
+            self.wait_for_jetstream()
+        except BaseException:
+            self.destroy()
+            raise
         return self
 
     def start_node(self, n: int) -> None:
