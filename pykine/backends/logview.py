@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pykine.backends.logentries import AlarmWrite, DocumentWrite, Entry, LeaseRenewal
 from pykine.backends.sqlite import SQL, SQLiteBackend
-from pykine.backends.sqltext import write_statements
+from pykine.backends.sqltext import INITIAL_META, write_statements
 from pykine.engine.records import ReadSet, Snapshot, WriteSet
 
 T = TypeVar("T")
@@ -67,10 +67,11 @@ class LogView(SQLiteBackend):
         try:
             found = {name: value for name, value in conn.execute("SELECT name, value FROM meta")}
             if found.get(LOG_ID) != log_id:
-                for table in ("kv", "kv_history", "lease", "member", "alarm", "document"):
-                    conn.execute(f"DELETE FROM {table}")
-                for name, value in (("revision", 1), ("compact_revision", -1), ("compacted_through", 0)):
-                    conn.execute(SQL.set_meta, (value, name))
+                for table in SQL.tables:
+                    if table != "meta":
+                        conn.execute(f"DELETE FROM {table}")
+                for name in ("revision", "compact_revision", "compacted_through"):
+                    conn.execute(SQL.set_meta, (INITIAL_META[name], name))
                 conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (LOG_ID, log_id))
                 conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, 0)", (POSITION,))
                 position = 0
