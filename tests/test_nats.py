@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import databases
+import grpc
 import nkeys
 import pytest
 from harness import PykineServer, call, pb
@@ -318,3 +319,36 @@ def test_snapshots_trim_the_log_and_start_new_instances(workdir: str) -> None:
         finally:
             first.stop()
             second.stop()
+
+
+def test_every_view_compacts_its_own_history(workdir: str) -> None:
+    """A Compact through one instance is a log entry: the other instance's view deletes the same history."""
+    import sqlite3
+
+    with nats_server() as nats:
+        endpoint = f"{nats.url}?bucket=compact"
+        servers = [PykineServer(os.path.join(workdir, name), endpoint=endpoint) for name in ("a", "b")]
+        for server in servers:
+            os.mkdir(server.workdir)
+            server.start()
+        try:
+            for n in range(20):
+                assert call(servers[0], "KV", "Put", pb.PutRequest(key=b"c", value=b"%d" % n)).ok
+            assert call(servers[0], "KV", "Compact", pb.CompactionRequest(revision=21, physical=True)).ok
+            old = call(servers[1], "KV", "Range", pb.RangeRequest(key=b"c", revision=5))
+            assert (old.code, old.details) == (
+                grpc.StatusCode.OUT_OF_RANGE,
+                "etcdserver: mvcc: required revision has been compacted",
+            )
+            view = os.path.join(servers[1].workdir, "db", "nats-compact.db")
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.closing(sqlite3.connect(view)) as conn:
+                    rows = conn.execute("SELECT count(*) FROM kv_history").fetchone()[0]
+                if rows == 1:  # only the newest version of the key is left
+                    break
+                assert time.monotonic() < deadline, f"{rows} history rows left in the second view"
+                time.sleep(0.1)
+        finally:
+            for server in servers:
+                server.stop()

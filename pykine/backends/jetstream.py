@@ -133,6 +133,7 @@ class JetStreamBackend(Backend):
         self._index_running: asyncio.Future[int] | None = None
         self._index_next: asyncio.Future[int] | None = None
         self._compact_wake = asyncio.Event()
+        self._compact_seen = 0
         # Who holds the duties: the view file, so that a restarted instance takes them back at once.
         self._holder = ""
         self._duty_held_at = 0.0
@@ -184,6 +185,7 @@ class JetStreamBackend(Backend):
             self.view = LogView(path)
             await self.view.open(self._cluster_id)
             self._snapshot_position = self.view.position
+            self._compact_seen, _ = await self.view.compaction_progress()
             end = await self._log_end()
             log.info(
                 "nats: stream %s, view %s at log position %d of %d",
@@ -528,8 +530,9 @@ class JetStreamBackend(Backend):
                 if self.view.position > before:
                     self._foreign.set()
                     self._wake_readers()
-                if self._compact_revision(batch):
-                    self._compact_wake.set()
+                self._compaction_requested(
+                    max((e.compact_revision for _, _, e in batch if isinstance(e, WriteSet)), default=0)
+                )
 
     async def _check_not_trimmed(self) -> None:
         """Say so when the log was trimmed past this view (it was not heard from for POSITION_TIMEOUT)."""
@@ -555,9 +558,11 @@ class JetStreamBackend(Backend):
                 log.warning("nats: following the log again failed, retrying: %s", exc)
                 await asyncio.sleep(1)
 
-    @staticmethod
-    def _compact_revision(batch: list[tuple[int, int, Entry | None]]) -> bool:
-        return any(isinstance(entry, WriteSet) and entry.compact_revision > 0 for _, _, entry in batch)
+    def _compaction_requested(self, compact_revision: int) -> None:
+        """Wake the view's compaction when the log's compact revision rises (every WriteSet carries it)."""
+        if compact_revision > self._compact_seen:
+            self._compact_seen = compact_revision
+            self._compact_wake.set()
 
     def _wake_readers(self) -> None:
         self._advanced.set()
@@ -728,8 +733,7 @@ class JetStreamBackend(Backend):
         assert self.view is not None
         view = self.view
         result: tuple[WriteSet, T] = await self._appended(lambda: view.commit_logged(reads, plan, self._append))
-        if result[0].compact_revision > 0:
-            self._compact_wake.set()
+        self._compaction_requested(result[0].compact_revision)
         return result
 
     async def update_document(self, name: str, change: DocumentChange) -> tuple[int, bytes]:
