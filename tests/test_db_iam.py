@@ -198,6 +198,7 @@ def test_mysql_new_connections_get_fresh_tokens(iam_mariadb: IamMariaDB, checker
         duty = duty_holder(iam_mariadb, name)
         assert duty is not None
         time.sleep(MAX_AGE + 1)
+        dropped = time.time()
         for session in kine_sessions(iam_mariadb) - {duty}:
             iam_mariadb.admin(f"KILL CONNECTION {session}")
         time.sleep(0.5)
@@ -209,7 +210,9 @@ def test_mysql_new_connections_get_fresh_tokens(iam_mariadb: IamMariaDB, checker
     assert result.ok >= 20, result
     entries = checker.entries(since)
     check_tokens(entries, f"127.0.0.1:{iam_mariadb.port}", CONFIG_REGION)
-    later = [entry for entry in entries if entry["time"] > started + MAX_AGE]
+    # The connections opened once the server dropped the others: a pool connection opened while the first
+    # tokens were just turning old may present one signed a moment before, which the server still accepted.
+    later = [entry for entry in entries if entry["time"] > dropped]
     assert later and all(entry["date"] > started + MAX_AGE for entry in later), later
     assert still_holding == duty, (duty, still_holding)
     assert_absent([SECRET, *(entry["token"] for entry in entries)], log=log)
