@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-sqlite test-postgres test-mysql test-nats lint proto bench system-deps clean
+.PHONY: run test test-sqlite test-postgres test-mysql test-nats test-dqlite lint proto bench system-deps clean
 
 run: $(STAMP)
 	$(BIN)/pykine
@@ -12,7 +12,7 @@ run: $(STAMP)
 # The whole suite on SQLite, then everything that is not about SQLite itself again on
 # PostgreSQL, on MySQL/MariaDB and on NATS JetStream (each pykine datastore gets a database or
 # bucket of its own; the servers are the machine's, or ones the tests start: tests/databases.py).
-test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql test-nats
+test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql test-nats test-dqlite
 
 SERVER_SUITES := tests/test_kv_differential.py tests/test_property.py tests/test_etcdctl.py \
 	tests/test_watch_differential.py tests/test_watch_stress.py tests/test_go_client.py tests/test_lease.py \
@@ -26,6 +26,8 @@ test-mysql: system-deps $(STAMP)
 	PYKINE_TEST_BACKEND=mysql $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
 test-nats: system-deps $(STAMP)
 	PYKINE_TEST_BACKEND=nats $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
+test-dqlite: system-deps $(STAMP)
+	PYKINE_TEST_BACKEND=dqlite $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pykine tests bench

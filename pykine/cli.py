@@ -249,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="temporary database credentials: aws signs an RDS IAM token for every new connection"
         " (needs TLS to the database; default: none)",
     )
+    dqlite = parser.add_argument_group("dqlite (dqlite://<data-dir>)")
+    dqlite.add_argument(
+        "--peer-bind-address",
+        default=_env("peer-bind-address") or "",
+        help="IPv4 address:port this process's dqlite node listens on for its peers (default 127.0.0.1:2380)",
+    )
+    dqlite.add_argument(
+        "--peer-advertise-address",
+        default=_env("peer-advertise-address") or "",
+        help="address:port the other nodes reach this node at (default: --peer-bind-address)",
+    )
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"pykine {__version__}")
     return parser
@@ -266,6 +277,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         fail(f"--identity-provider must be aws, got {args.identity_provider!r}")
     if args.workers > 1 and re.fullmatch(r"nats://(\?.*)?", args.endpoint):
         fail("--workers needs a NATS DSN with a host: an embedded NATS server belongs to one process")
+    if args.workers > 1 and args.endpoint.startswith("dqlite://"):
+        fail("--workers does not apply to dqlite: the dqlite node belongs to one process")
+    if (args.peer_bind_address or args.peer_advertise_address) and not args.endpoint.startswith("dqlite://"):
+        fail("--peer-bind-address and --peer-advertise-address apply to dqlite:// endpoints only")
     tls = _client_tls(args)
     if tls is None and args.listen_address.startswith(SECURE_SCHEMES):
         fail(f"--listen-address {args.listen_address} needs --server-cert-file and --server-key-file")
@@ -290,6 +305,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             connection_max_lifetime=args.datastore_connection_max_lifetime,
             poll_interval=args.datastore_poll_interval or 0.0,
             identity_provider=args.identity_provider,
+            peer_bind_address=args.peer_bind_address,
+            peer_advertise_address=args.peer_advertise_address,
         ),
         reuse_port=args.reuse_port,
         tls=tls,

@@ -1,6 +1,6 @@
 """Database servers for the tests: the machine's PostgreSQL and MariaDB when they run, or our own.
 
-PYKINE_TEST_BACKEND=postgres|mysql|nats runs pykine on that datastore instead
+PYKINE_TEST_BACKEND=postgres|mysql|nats|dqlite runs pykine on that datastore instead
 of SQLite. The server is PYKINE_TEST_POSTGRES / PYKINE_TEST_MYSQL /
 PYKINE_TEST_NATS if set, else (PostgreSQL, MariaDB) the one on the standard
 loopback port if it answers, else one this module starts from the installed
@@ -9,6 +9,11 @@ datastore gets a database (a NATS bucket) of its own, dropped at exit.
 
 NATS is always our own server unless PYKINE_TEST_NATS names one: the machine's
 NATS on 4222 may be a release pykine refuses (see docs/design.md).
+
+dqlite needs no server: each pykine process hosts a node. A test datastore is
+a directory of nodes (`dqlite_node`): the first pykine started on it
+bootstraps a cluster, one started while others run joins them, and one
+started later takes over a stopped node's directory and address.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 BACKEND = os.environ.get("PYKINE_TEST_BACKEND", "sqlite")
-if BACKEND not in ("sqlite", "postgres", "mysql", "nats"):
-    raise RuntimeError(f"PYKINE_TEST_BACKEND must be sqlite, postgres, mysql or nats, not {BACKEND!r}")
+if BACKEND not in ("sqlite", "postgres", "mysql", "nats", "dqlite"):
+    raise RuntimeError(f"PYKINE_TEST_BACKEND must be sqlite, postgres, mysql, nats or dqlite, not {BACKEND!r}")
 
 STANDARD_PORTS = {"postgres": 5432, "mysql": 3306}
 
@@ -228,6 +233,32 @@ class OwnedNats(OwnedServer):
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+
+def dqlite_node(cluster_dir: str) -> tuple[str, str]:
+    """(DSN, peer address) of a node for a new pykine process in the test cluster kept in `cluster_dir`.
+
+    A registered node whose address nobody answers on is reused (its process
+    stopped); otherwise a new node joins the running ones.
+    """
+    import json
+
+    os.makedirs(cluster_dir, exist_ok=True)
+    registry = os.path.join(cluster_dir, "nodes.json")
+    nodes: dict[str, str] = {}
+    if os.path.exists(registry):
+        with open(registry) as file:
+            nodes = json.load(file)
+    for data_dir, address in nodes.items():
+        if not answers(int(address.rpartition(":")[2])):
+            return f"dqlite://{data_dir}", address
+    data_dir = os.path.join(cluster_dir, f"node-{len(nodes) + 1}")
+    address = f"127.0.0.1:{free_port()}"
+    dsn = f"dqlite://{data_dir}" + (f"?join={','.join(nodes.values())}" if nodes else "")
+    nodes[data_dir] = address
+    with open(registry, "w") as file:
+        json.dump(nodes, file)
+    return dsn, address
 
 
 OWNED = {"postgres": OwnedPostgres, "mysql": OwnedMariaDB, "nats": OwnedNats}

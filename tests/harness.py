@@ -151,6 +151,8 @@ def default_endpoint(workdir: str) -> str:
     """
     if databases.BACKEND == "sqlite":
         return f"sqlite://{os.path.join(workdir, 'state.db')}"
+    if databases.BACKEND == "dqlite":
+        return f"dqlite://{os.path.join(workdir, 'dqlite')}"
     name = "pykine_test_" + hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
     return databases.database_endpoint(databases.BACKEND, name)
 
@@ -163,14 +165,23 @@ class PykineServer(Server):
         self.endpoint = endpoint if endpoint is not None else default_endpoint(workdir)
         self.extra_args = list(extra_args)
         self.listen_address = self.address
+        # A test dqlite datastore is a directory of nodes; this server's node, once chosen.
+        self.dqlite_node: tuple[str, str] | None = None
 
     def command(self) -> list[str]:
+        endpoint, peer = self.endpoint, []
+        if endpoint.startswith("dqlite://") and not any(arg.startswith("--peer-") for arg in self.extra_args):
+            if self.dqlite_node is None:
+                self.dqlite_node = databases.dqlite_node(endpoint.removeprefix("dqlite://"))
+            endpoint, address = self.dqlite_node
+            peer = [f"--peer-bind-address={address}"]
         return [
             sys.executable,
             "-m",
             "pykine",
             f"--listen-address={self.listen_address}",
-            f"--endpoint={self.endpoint}",
+            f"--endpoint={endpoint}",
+            *peer,
             *self.extra_args,
         ]
 

@@ -12,7 +12,7 @@ DEFAULT_SQLITE_PATH = "./db/state.db"
 # Options kine's SQLite DSNs carry for its Go driver that have no meaning here.
 IGNORED_SQLITE_OPTIONS = {"cache", "_txlock", "mode", "_fk", "_foreign_keys"}
 
-PLANNED_SCHEMES = ("dqlite", "http", "https")
+PLANNED_SCHEMES = ("http", "https")
 
 
 def open_backend(endpoint: str, options: ConnectionOptions | None = None) -> Backend:
@@ -40,9 +40,13 @@ def open_backend(endpoint: str, options: ConnectionOptions | None = None) -> Bac
         from pykine.backends.jetstream import JetStreamBackend
 
         return JetStreamBackend(endpoint, options)
+    if scheme == "dqlite":
+        from pykine.backends.dqlite import DqliteBackend
+
+        return DqliteBackend(endpoint, options)
     if scheme in PLANNED_SCHEMES:
         raise BackendError(f"endpoint scheme {scheme!r} is not supported by this pykine yet")
-    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite, postgres, mysql, nats)")
+    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite, postgres, mysql, nats, dqlite)")
 
 
 def _sqlite(path: str, query: str, options: ConnectionOptions) -> Backend:

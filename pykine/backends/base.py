@@ -43,7 +43,10 @@ DEFAULT_IDLE_CONNECTIONS = 2
 
 @dataclass(frozen=True, slots=True)
 class ConnectionOptions:
-    """How to reach a database server: kine's TLS, connection-pool and identity-provider flags, and the commit poll."""
+    """How to reach a database server: kine's TLS, connection-pool and identity-provider flags, and the commit poll.
+
+    For dqlite, also where this process's node listens for its peers and how they reach it.
+    """
 
     ca_file: str = ""
     cert_file: str = ""
@@ -57,6 +60,8 @@ class ConnectionOptions:
     poll_interval: float = 0.0
     # "aws": a fresh RDS IAM token as the password of every new connection (backends/identity.py).
     identity_provider: str = ""
+    peer_bind_address: str = ""
+    peer_advertise_address: str = ""
 
     def pool_bounds(self) -> tuple[int, int]:
         """(connections kept open while idle, most pooled connections open at once)."""

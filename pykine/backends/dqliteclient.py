@@ -3,8 +3,14 @@
 Only the leader serves SQL (followers answer "not leader" to reads too), so a
 connection is made by asking known nodes who leads, as go-dqlite's connector
 does: a node that names itself is kept; one that names another sends us there
-(and that one must name itself). Requests go one at a time on a connection;
-the codec is backends/dqlitewire.py.
+(and that one must name itself). Requests go one at a time on a connection,
+or several written at once (`pipeline`); statements are prepared once per
+connection. The codec is backends/dqlitewire.py.
+
+libdqlite 1.11 aborts its whole process (the node's host, often a pykine) when
+a client runs a write through QUERY or a row-returning statement through EXEC
+(docs/dqlite-research.md, 2.7), so this client sends only reads as queries,
+everything else as executions, and refuses RETURNING outright.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -19,10 +26,22 @@ from typing import Any
 from pykine.backends import dqlitewire as wire
 
 DIAL_TIMEOUT = 5.0
+READ = re.compile(r"\s*(SELECT|WITH)\b", re.IGNORECASE)
+WRITE_WORD = re.compile(r"\b(INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
+# Prepared statements kept per connection; the least recently used beyond this are finalized.
+PREPARED_LIMIT = 512
 
 
 class NoLeader(Exception):
     """No node named a leader that accepted us."""
+
+
+def is_query(sql: str) -> bool:
+    """Whether `sql` is a pure read, which alone may go through QUERY; RETURNING is refused for both kinds."""
+    if "RETURNING" in sql.upper():
+        raise ValueError("dqlite 1.11 cannot run statements with RETURNING safely")
+    found = READ.match(sql)
+    return found is not None and (found[1].upper() == "SELECT" or WRITE_WORD.search(sql) is None)
 
 
 class Connection:
@@ -35,6 +54,8 @@ class Connection:
         self._decoder = wire.Decoder()
         self._received: list[tuple[int, bytes]] = []
         self._lock = asyncio.Lock()
+        self._prepared: dict[str, int] = {}
+        self._socket = writer.get_extra_info("socket")
 
     @classmethod
     async def dial(cls, address: str) -> Connection:
@@ -48,6 +69,11 @@ class Connection:
 
     async def _receive(self) -> tuple[int, bytes]:
         while not self._received:
+            if self._socket is not None:
+                # dqlite sets no TCP_NODELAY: without an immediate ACK from us, its next small
+                # response waits for our delayed ACK (40 ms) behind Nagle's algorithm.
+                with contextlib.suppress(OSError):
+                    self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             data = await self._reader.read(65536)
             if not data:
                 raise ConnectionError(f"dqlite node {self.address} closed the connection")
@@ -73,6 +99,56 @@ class Connection:
                 collected += batch.rows
                 if not batch.more:
                     return collected
+
+    async def _statement(self, sql: str) -> int:
+        """The id of `sql` prepared on this connection (prepared now if it is new)."""
+        statement = self._prepared.pop(sql, None)
+        if statement is None:
+            if len(self._prepared) >= PREPARED_LIMIT:
+                oldest = next(iter(self._prepared))
+                await self.call(wire.finalize(0, self._prepared.pop(oldest)), wire.EMPTY)
+            reader = await self.call(wire.prepare(0, sql), wire.STMT)
+            reader.uint32()
+            statement = reader.uint32()
+        self._prepared[sql] = statement  # (re)inserted last: the dict's order is recency
+        return statement
+
+    async def query(self, sql: str, values: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of a read, through a prepared statement."""
+        if not is_query(sql):
+            raise ValueError(f"not a read, refusing to send it as a dqlite query: {sql[:60]}")
+        return await self.rows(wire.query(0, await self._statement(sql), values))
+
+    async def execute(self, sql: str, values: Sequence[Any] = ()) -> tuple[int, int]:
+        """(last insert rowid, rows changed) of a statement that returns no rows, prepared."""
+        if is_query(sql):
+            raise ValueError(f"a read, refusing to send it as a dqlite execution: {sql[:60]}")
+        reader = await self.call(wire.execute(0, await self._statement(sql), values), wire.RESULT)
+        return reader.uint64(), reader.uint64()
+
+    async def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Execute statements in order, all written at once: one round trip for many.
+
+        Every response is read before the first failure is raised, so the
+        connection stays in step; a failed statement does not stop the ones
+        after it, so callers run pipelines inside a transaction they roll back.
+        """
+        requests = []
+        for sql, values in statements:
+            if is_query(sql):
+                raise ValueError(f"a read, refusing to send it as a dqlite execution: {sql[:60]}")
+            requests.append(wire.execute(0, await self._statement(sql), values))
+        failure: Exception | None = None
+        async with self._lock:
+            self._writer.write(b"".join(requests))
+            for _ in requests:
+                kind, body = await self._receive()
+                try:
+                    wire.check(kind, body, wire.RESULT)
+                except wire.DqliteFailure as exc:
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def leader(self) -> tuple[int, str]:
         reader = await self.call(wire.leader(), wire.SERVER)

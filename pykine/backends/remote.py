@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 
 # A batch that lost a deadlock or serialization race is rolled back; its plan is pure, so it runs again.
 COMMIT_ATTEMPTS = 3
-LOCK_COMPACTION = "SELECT value FROM meta WHERE name = 'compacted_through' FOR UPDATE"
 
 
 class Session(Protocol):
@@ -208,7 +207,7 @@ class RemoteSQLBackend(Backend):
         sql, params = self.SQL.versions(query)
         versions = [(bytes(key), int(mod_revision)) for key, mod_revision in await session.rows(sql, params)]
         rows, missing = known_rows(versions, known)
-        for chunk in key_chunks(missing):
+        for chunk in key_chunks(missing, self.SQL.dialect.in_chunk):
             place_rows(rows, missing, await session.rows(self.SQL.latest_keys(len(chunk)), chunk))
         return rows
 
@@ -354,7 +353,7 @@ class RemoteSQLBackend(Backend):
     async def compact_step(self, target: int, max_revisions: int) -> int:
         """One short transaction; the progress row's lock makes instances take turns."""
         async with self._writer_lock, self._write_session() as session:
-            done = int((await session.rows(LOCK_COMPACTION))[0][0])
+            done = int((await session.rows(self.SQL.lock_compaction))[0][0])
             upto = min(target, done + max_revisions)
             if upto > done:
                 await session.execute(self.SQL.compact_superseded, (done, upto))

@@ -340,7 +340,7 @@ class SQLiteBackend(Backend):
         """
         sql, params = SQL.versions(query)
         rows, missing = known_rows(conn.execute(sql, params).fetchall(), known)
-        for chunk in key_chunks(missing):
+        for chunk in key_chunks(missing, SQL.dialect.in_chunk):
             place_rows(rows, missing, conn.execute(SQL.latest_keys(len(chunk)), chunk))
         return rows
 

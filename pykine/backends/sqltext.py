@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -34,8 +34,6 @@ from pykine.engine.records import (
 # 3: alarm (etcd's alarms, per member). 4: document (the auth store and its tokens).
 SCHEMA_VERSION = 4
 
-# Keys or lease ids per IN (...) list.
-IN_CHUNK = 500
 
 # Revision 1 is the empty store, as in etcd; -1 means never compacted.
 INITIAL_META = {
@@ -68,9 +66,18 @@ class Dialect:
     # (MySQL 8 has no CREATE INDEX IF NOT EXISTS) and cannot be partial, upserts
     # say ON DUPLICATE KEY UPDATE, and a DELETE cannot select from its own table.
     mysql: bool = False
+    # Whether rows can be locked with SELECT ... FOR UPDATE (SQLite and dqlite have one
+    # write lock for the whole database, taken by BEGIN IMMEDIATE, and no row locks).
+    row_locks: bool = True
+    # Keys or lease ids per IN (...) list (dqlite 1.11 binds at most 255 parameters).
+    in_chunk: int = 500
 
 
-SQLITE = Dialect("sqlite", "?", "x''", "+key", "BLOB", "BLOB", "TEXT", "INTEGER", "REAL", " WITHOUT ROWID")
+SQLITE = Dialect(
+    "sqlite", "?", "x''", "+key", "BLOB", "BLOB", "TEXT", "INTEGER", "REAL", " WITHOUT ROWID", row_locks=False
+)
+# dqlite runs SQLite itself: the same SQL, with fewer parameters per statement.
+DQLITE = replace(SQLITE, name="dqlite", in_chunk=250)
 POSTGRES = Dialect("postgres", "%s", "'\\x'::bytea", "key", "BYTEA", "BYTEA", "TEXT", "BIGINT", "DOUBLE PRECISION", "")
 # InnoDB indexes hold at most 3072 bytes: keys up to MYSQL_MAX_KEY_BYTES leave room for a revision beside them.
 MYSQL_MAX_KEY_BYTES = 3000
@@ -237,7 +244,7 @@ class Statements:
     @cached_property
     def lock_revisions(self) -> str:
         """The same, with both rows locked until commit: a write batch's first statement on a database server."""
-        return self.revisions + " FOR UPDATE"
+        return self.revisions + " FOR UPDATE" if self.dialect.row_locks else self.revisions
 
     @cached_property
     def meta(self) -> str:
@@ -405,7 +412,14 @@ class Statements:
     @cached_property
     def lock_document(self) -> str:
         """The row, locked until the transaction ends (SQLite's write transaction locks everything)."""
-        return self.document if self.dialect.name == "sqlite" else self.document + " FOR UPDATE"
+        return self.document + " FOR UPDATE" if self.dialect.row_locks else self.document
+
+    @cached_property
+    def lock_compaction(self) -> str:
+        """How far compaction has got, locked until commit, so that instances take turns."""
+        return "SELECT value FROM meta WHERE name = 'compacted_through'" + (
+            " FOR UPDATE" if self.dialect.row_locks else ""
+        )
 
     @cached_property
     def insert_document(self) -> str:
@@ -533,14 +547,15 @@ def snapshot_queries(sql: Statements, reads: ReadSet, revision: int, compact: in
         elif not read.span.empty:
             statement, params = sql.latest(read.span)
             queries.append(SnapshotQuery(statement, params, "latest"))
-    for start in range(0, len(singles), IN_CHUNK):
-        chunk = singles[start : start + IN_CHUNK]
+    size = sql.dialect.in_chunk
+    for start in range(0, len(singles), size):
+        chunk = singles[start : start + size]
         queries.append(SnapshotQuery(sql.latest_keys(len(chunk)), chunk, "latest"))
     for lease_id in reads.lease_keys:
         queries.append(SnapshotQuery(sql.lease_keys_rows, [lease_id], "latest"))
     lease_ids = list(reads.leases)
-    for start in range(0, len(lease_ids), IN_CHUNK):
-        chunk = lease_ids[start : start + IN_CHUNK]
+    for start in range(0, len(lease_ids), size):
+        chunk = lease_ids[start : start + size]
         queries.append(SnapshotQuery(sql.leases(len(chunk)), chunk, "leases"))
     return queries
 
@@ -573,7 +588,7 @@ def known_rows(versions: list[tuple[bytes, int]], known: KnownRows) -> tuple[lis
     return rows, {versions[index][0]: index for index, row in enumerate(rows) if row is None}
 
 
-def key_chunks(keys: Iterable[bytes], size: int = 500) -> Iterator[list[bytes]]:
+def key_chunks(keys: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
     """Keys in lists of at most `size`, for `latest_keys` statements of bounded length."""
     batch = list(keys)
     for start in range(0, len(batch), size):

@@ -1,0 +1,604 @@
+"""dqlite: pykine's SQL schema, replicated by Raft, with the node inside the pykine process.
+
+Each pykine process hosts one dqlite node (backends/dqlitenode.py) and talks
+to the cluster's leader over dqlite's wire protocol (backends/dqliteclient.py),
+as any other client would. Everything else is remote.py's: the schema and
+statements are SQLite's (a Dialect with fewer parameters per statement and no
+row locks), a write batch is one BEGIN IMMEDIATE ... COMMIT (dqlite has a
+single write lock for the whole cluster, so commits follow revision order
+across instances), and reads run in a transaction on the leader.
+
+The data directory holds raft's files and `pykine-dqlite.json`, the node's
+record: its id and address, the cluster it belongs to and the last known
+members. The first node of a cluster bootstraps; later nodes join through
+any member (`join=`), as spares, and the leader's process assigns roles
+(backends/dqliteroles.py). Design and measurements: docs/dqlite-research.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+from pykine.backends import dqliteroles as roles
+from pykine.backends import dqlitewire as wire
+from pykine.backends.base import BackendError, ConnectionOptions, StorageStatus
+from pykine.backends.dqliteclient import Connection, NoLeader, connect_leader
+from pykine.backends.dqlitenode import BOOTSTRAP_ID, DqliteNode, generate_node_id
+from pykine.backends.remote import RemoteSQLBackend
+from pykine.backends.sqltext import DQLITE, Statements
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DATABASE = "pykine"
+RECORD = "pykine-dqlite.json"
+# etcd's default peer port, on loopback: a single node needs no other address.
+DEFAULT_PEER_ADDRESS = "127.0.0.1:2380"
+# How long start-up waits for a leader (a restarting cluster needs a quorum of its nodes back).
+START_TIMEOUT = 60.0
+# How long a request looks for a leader (an election takes about a second) before failing UNAVAILABLE.
+LEADER_TIMEOUT = 10.0
+# How long a transaction retries while another connection holds the write lock (dqlite does not wait).
+BUSY_TIMEOUT = 5.0
+# dqlite's failure codes: not the leader (the transaction was rolled back), leadership lost
+# while a commit was in flight (its outcome is unknown), unknown statement or database
+# (the connection's state was lost with a leadership change).
+NOT_LEADER, LEADERSHIP_LOST, NOT_FOUND = 10250, 10506, 12
+# raft's "not leader" leaking through untranslated during a leadership transfer (not applied).
+RAFT_NOT_LEADER = 7
+BUSY = 5
+# A member that has not answered for this long is replaced (its role passes to a spare).
+OFFLINE_GRACE = 5.0
+ROLES_INTERVAL = 1.0
+PROBE_TIMEOUT = 1.0
+
+
+class Retry(Exception):
+    """The transaction was not applied and may run again on a new leader connection."""
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def peer_address(text: str, flag: str) -> str:
+    """An IPv4 literal with a port: libdqlite 1.11 can bind and dial nothing else."""
+    host, sep, port = text.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        valid = bool(sep) and port.isdigit() and 0 < int(port) < 65536
+    except ValueError:
+        valid = False
+    if not valid:
+        raise BackendError(f"{flag} must be an IPv4 address and port like 10.0.0.1:2380, got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class DqliteConfig:
+    data_dir: str
+    join: tuple[str, ...]
+    bind: str
+    advertise: str
+    voters: int = 3
+    standbys: int = 0
+    # One-way network latency raft assumes; election timeouts are a multiple of it.
+    latency_ms: int = 20
+    start_timeout: float = START_TIMEOUT
+
+
+def parse_dsn(dsn: str, options: ConnectionOptions) -> DqliteConfig:
+    """dqlite://<data dir>?join=a:p,b:p&voters=3&standbys=0&latency=20ms&startTimeout=60s."""
+    rest = dsn.partition("://")[2]
+    path, _, query = rest.partition("?")
+    if not path:
+        raise BackendError("dqlite endpoint needs a data directory: dqlite://<data-dir>[?join=host:port,...]")
+    values: dict[str, Any] = {}
+    join: list[str] = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "join":
+            join += [peer_address(item, "join address") for item in value.split(",") if item]
+        elif name in ("voters", "standbys"):
+            if not value.isdigit():
+                raise BackendError(f"dqlite option {name} must be a number, got {value!r}")
+            values[name] = int(value)
+        elif name in ("latency", "startTimeout"):
+            from pykine.durations import parse_duration
+
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise BackendError(f"dqlite option {name}: {exc}") from None
+            if name == "latency":
+                values["latency_ms"] = max(1, round(seconds * 1000))
+            else:
+                values["start_timeout"] = seconds
+        else:
+            raise BackendError(f"unknown dqlite option {name!r} (known: join, voters, standbys, latency, startTimeout)")
+    voters = values.get("voters", 3)
+    if voters < 1 or voters % 2 == 0:
+        raise BackendError(f"dqlite option voters must be odd, got {voters}")
+    bind = peer_address(options.peer_bind_address or DEFAULT_PEER_ADDRESS, "--peer-bind-address")
+    advertise = peer_address(options.peer_advertise_address or bind, "--peer-advertise-address")
+    if ipaddress.IPv4Address(advertise.rpartition(":")[0]).is_unspecified:
+        raise BackendError(f"--peer-advertise-address must be an address other nodes can dial, not {advertise}")
+    return DqliteConfig(path, tuple(join), bind, advertise, **values)
+
+
+@dataclass
+class NodeRecord:
+    """What the data directory remembers besides raft's files (written whole, then renamed into place)."""
+
+    id: int
+    address: str
+    cluster_id: int = 0
+    # Set until the leader has added this node, so that a crash before then adds it on restart.
+    joining: bool = False
+    members: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, data_dir: str) -> NodeRecord | None:
+        path = os.path.join(data_dir, RECORD)
+        try:
+            with open(path, encoding="utf-8") as file:
+                return cls(**json.load(file))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise BackendError(f"{path} is damaged ({exc}): refusing to start") from None
+
+    def save(self, data_dir: str) -> None:
+        path = os.path.join(data_dir, RECORD)
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            json.dump(asdict(self), file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(path + ".tmp", path)
+
+
+def open_record(config: DqliteConfig) -> NodeRecord:
+    """This node's record: read back, or made for a new node (bootstrapping or joining)."""
+    os.makedirs(config.data_dir, exist_ok=True)
+    record = NodeRecord.load(config.data_dir)
+    if record is not None:
+        if record.address != config.advertise:
+            raise BackendError(
+                f"this dqlite node was created with address {record.address}, not {config.advertise}:"
+                " a node keeps its address (start it with --peer-advertise-address as before)"
+            )
+        return record
+    if any(name != RECORD + ".tmp" for name in os.listdir(config.data_dir)):
+        raise BackendError(f"{config.data_dir} holds files pykine did not create: refusing to start a node there")
+    if config.join:
+        node_id = generate_node_id(config.advertise)
+        record = NodeRecord(node_id, config.advertise, joining=True, members=list(config.join))
+    else:
+        record = NodeRecord(BOOTSTRAP_ID, config.advertise, members=[config.advertise])
+    record.save(config.data_dir)
+    return record
+
+
+# -- connections and sessions -----------------------------------------------------------------------
+
+
+def _needs_new_connection(exc: BaseException) -> bool:
+    """Whether the connection's transaction is gone with a leadership change or the connection itself."""
+    if isinstance(exc, wire.DqliteFailure):
+        return exc.code in (NOT_LEADER, NOT_FOUND, RAFT_NOT_LEADER)
+    return isinstance(exc, OSError | ConnectionError | TimeoutError | wire.ProtocolError | NoLeader)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, wire.DqliteFailure) and exc.code & 0xFF == BUSY
+
+
+def _keep_alive(connection: Connection) -> None:
+    """Notice a leader that vanished without closing its sockets within seconds, not minutes."""
+    sock = connection._socket
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 5000)
+
+
+class LeaderPool:
+    """Connections to the current leader; one that saw a leadership change or an error is dropped."""
+
+    def __init__(self, addresses: Callable[[], Sequence[str]], size: int) -> None:
+        self._addresses = addresses
+        self._idle: list[Connection] = []
+        self._slots = asyncio.Semaphore(size)
+        self._closed = False
+
+    async def _connect(self) -> Connection:
+        deadline = time.monotonic() + LEADER_TIMEOUT
+        pause = 0.05
+        while True:
+            try:
+                connection = await connect_leader(self._addresses(), DATABASE)
+                _keep_alive(connection)
+                return connection
+            except (NoLeader, OSError, TimeoutError, wire.DqliteFailure, wire.ProtocolError) as exc:
+                if self._closed or time.monotonic() + pause > deadline:
+                    raise NoLeader(str(exc)) from None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    async def acquire(self) -> Connection:
+        await self._slots.acquire()
+        try:
+            return self._idle.pop() if self._idle else await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def release(self, connection: Connection, spoiled: bool = False) -> None:
+        """Return a connection; a spoiled one (its state unknown or on a former leader) is closed."""
+        try:
+            if spoiled or self._closed:
+                await connection.close()
+            else:
+                self._idle.append(connection)
+        finally:
+            self._slots.release()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        connection = await self.acquire()
+        try:
+            yield connection
+        except BaseException as exc:
+            await self.release(connection, _spoils(exc))
+            raise
+        await self.release(connection)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.close()
+
+
+def _spoils(exc: BaseException) -> bool:
+    """Whether a connection that raised `exc` must be closed: cancelled mid-request, or no longer the leader's."""
+    return not isinstance(exc, Exception) or _needs_new_connection(exc)
+
+
+class _Session:
+    """Statements on one leader connection, inside a transaction the caller opened."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    async def rows(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return await _busy_retrying(lambda: self.connection.query(statement, params))
+
+    async def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
+        await _busy_retrying(lambda: self.connection.execute(statement, params))
+
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        await self.connection.pipeline([(statement, row) for statement, rows in statements for row in rows])
+
+
+class _AutocommitSession:
+    """Each statement on its own, retried on a new leader connection when the leader changed.
+
+    Used for reads of one statement and for idempotent writes (heartbeats,
+    alarms, members), which may safely run twice.
+    """
+
+    def __init__(self, pool: LeaderPool) -> None:
+        self.pool = pool
+
+    async def _run(self, use: Callable[[Connection], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + LEADER_TIMEOUT
+        while True:
+            try:
+                async with self.pool.connection() as connection:
+                    return await _busy_retrying(lambda: use(connection))
+            except Exception as exc:
+                if not _needs_new_connection(exc) or time.monotonic() > deadline:
+                    raise
+                log.debug("dqlite statement runs again on the new leader: %s", exc)
+
+    async def rows(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return await self._run(lambda connection: connection.query(statement, params))
+
+    async def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
+        await self._run(lambda connection: connection.execute(statement, params))
+
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        for statement, rows in statements:
+            for row in rows:
+                await self.execute(statement, row)
+
+
+async def _busy_retrying(call: Callable[[], Awaitable[T]]) -> T:
+    """Run `call` again, with growing jittered pauses, while dqlite answers BUSY (it never waits itself)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = 0.0005
+    while True:
+        try:
+            return await call()
+        except wire.DqliteFailure as exc:
+            if not _is_busy(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, 0.02)
+
+
+# -- the backend ---------------------------------------------------------------------------------------
+
+
+class DqliteBackend(RemoteSQLBackend):
+    name = "dqlite"
+    SQL = Statements(DQLITE)
+    default_poll_interval = 0.02
+
+    def __init__(self, dsn: str, options: ConnectionOptions | None = None) -> None:
+        super().__init__(options or ConnectionOptions())
+        self.config = parse_dsn(dsn, self.options)
+        self.record: NodeRecord | None = None
+        self._node: DqliteNode | None = None
+        self._pool = LeaderPool(self._addresses, self.options.pool_bounds()[1])
+        self._roles_task: asyncio.Task[None] | None = None
+
+    def _addresses(self) -> list[str]:
+        """Where to look for the leader: the members last seen, the join addresses and this node."""
+        known = list(self.record.members) if self.record else []
+        return list(dict.fromkeys([*known, *self.config.join, self.config.advertise]))
+
+    # -- start and stop ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        self.record = record = open_record(config)
+        self._node = await loop.run_in_executor(
+            None, lambda: DqliteNode(record.id, config.bind, config.data_dir, network_latency_ms=config.latency_ms)
+        )
+        if config.bind != record.address:
+            log.info("dqlite node %x listens on %s, advertised as %s", record.id, config.bind, record.address)
+        await loop.run_in_executor(None, self._node.start)
+        try:
+            await self._join_cluster(record)
+        except BaseException:
+            await self.close()
+            raise
+        self._roles_task = asyncio.create_task(self._roles_loop(), name="pykine-dqlite-roles")
+
+    async def _join_cluster(self, record: NodeRecord) -> None:
+        """Find a leader, join if new, create the schema if the cluster is new, and check the cluster's id."""
+        deadline = time.monotonic() + self.config.start_timeout
+        announced = 0.0
+        while True:
+            try:
+                connection = await connect_leader(self._addresses(), DATABASE)
+                break
+            except NoLeader as exc:
+                if time.monotonic() > deadline:
+                    what = "cannot join: no member answered as a dqlite leader" if record.joining else "no leader"
+                    raise BackendError(
+                        f"{what} within {self.config.start_timeout:g}s ({exc});"
+                        " a restarting cluster needs a majority of its voters running"
+                    ) from None
+                if time.monotonic() - announced > 5:
+                    log.warning("waiting for a dqlite leader: %s", exc)
+                    announced = time.monotonic()
+                await asyncio.sleep(0.1)
+        try:
+            if record.joining:
+                await self._add_self(connection, record)
+            servers = await connection.cluster()
+        finally:
+            await connection.close()
+        if record.id not in {node_id for node_id, _, _ in servers}:
+            raise BackendError(
+                f"dqlite node {record.id:x} is not a member of the cluster it reached"
+                " (removed, or its data directory belongs to another cluster): refusing to start"
+            )
+        await self._init_schema()
+        cluster_id = await self.cluster_id()
+        if record.cluster_id and record.cluster_id != cluster_id:
+            raise BackendError(
+                f"data directory {self.config.data_dir} belongs to cluster {record.cluster_id:x},"
+                f" not to {cluster_id:x}: refusing to start"
+            )
+        record.cluster_id = cluster_id
+        record.members = [address for _, address, _ in servers]
+        record.save(self.config.data_dir)
+
+    async def _add_self(self, connection: Connection, record: NodeRecord) -> None:
+        """Ask the leader to add this node (as a spare); a node added before a crash is not added twice."""
+        deadline = time.monotonic() + self.config.start_timeout
+        while True:
+            servers = await connection.cluster()
+            if record.id in {node_id for node_id, _, _ in servers}:
+                break
+            try:
+                await connection.call(wire.add(record.id, record.address), wire.EMPTY)
+                break
+            except wire.DqliteFailure as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise BackendError(f"cannot join the dqlite cluster: {exc}") from None
+                await asyncio.sleep(0.2)  # another configuration change is in progress
+        log.info("dqlite node %x (%s) joined the cluster", record.id, record.address)
+        record.joining = False
+        record.save(self.config.data_dir)
+
+    async def close(self) -> None:
+        if self._roles_task is not None:
+            self._roles_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._roles_task
+            self._roles_task = None
+        if self._node is not None and self._duty_connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._hand_over(), 5.0)
+        await self.close_duty_connection()
+        await self._pool.close()
+        node, self._node = self._node, None
+        if node is not None:
+            await asyncio.get_running_loop().run_in_executor(None, node.close)
+
+    async def _hand_over(self) -> None:
+        """Pass leadership to another voter that answers, so the cluster need not wait for an election."""
+        assert self.record is not None
+        async with self._pool.connection() as connection:
+            servers = await connection.cluster()
+            for node_id, address, role in servers:
+                if node_id != self.record.id and role == wire.VOTER and await roles.probe(address, PROBE_TIMEOUT):
+                    await connection.call(wire.transfer(node_id), wire.EMPTY)
+                    log.info("handed dqlite leadership to node %x (%s)", node_id, address)
+                    return
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    async def _begin(self, begin: str) -> Connection:
+        """A leader connection inside a new transaction, found again if the leader changed."""
+        deadline = time.monotonic() + LEADER_TIMEOUT
+        while True:
+            connection = await self._pool.acquire()
+            try:
+                await _busy_retrying(partial(connection.execute, begin))
+                return connection
+            except BaseException as exc:
+                await self._pool.release(connection, _spoils(exc))
+                if not (isinstance(exc, Exception) and _needs_new_connection(exc)) or time.monotonic() > deadline:
+                    raise
+                log.debug("dqlite transaction begins again on the new leader: %s", exc)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, begin: str) -> AsyncIterator[_Session]:
+        """BEGIN ... COMMIT on one leader connection; Retry when it was rolled back by a leadership change."""
+        connection = await self._begin(begin)
+        try:
+            yield _Session(connection)
+        except BaseException as exc:
+            spoiled = _spoils(exc)
+            if not spoiled:
+                try:
+                    await connection.execute("ROLLBACK")
+                except Exception:
+                    spoiled = True
+            await self._pool.release(connection, spoiled)
+            if isinstance(exc, Exception) and _needs_new_connection(exc):
+                raise Retry(f"the dqlite leader changed during a transaction (rolled back): {exc}") from exc
+            raise
+        try:
+            await connection.execute("COMMIT")
+        except BaseException as exc:
+            # Closing the connection rolls back whatever is left; 10506 or a lost connection
+            # leave the outcome unknown, which the caller reports as unavailable.
+            await self._pool.release(connection, spoiled=True)
+            if isinstance(exc, wire.DqliteFailure) and exc.code in (NOT_LEADER, RAFT_NOT_LEADER):
+                raise Retry(f"dqlite refused the commit (not applied): {exc}") from exc
+            raise
+        await self._pool.release(connection)
+
+    def _read_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
+        return self._transaction("BEGIN")
+
+    def _write_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
+        return self._transaction("BEGIN IMMEDIATE")
+
+    def _schema_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
+        return self._transaction("BEGIN IMMEDIATE")
+
+    @contextlib.asynccontextmanager
+    async def _single(self) -> AsyncIterator[_AutocommitSession]:
+        yield _AutocommitSession(self._pool)
+
+    def _is_retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, Retry)
+
+    # -- duties: held by the process whose node leads -------------------------------------------------
+
+    async def _connect_duty(self) -> Connection:
+        connection = await Connection.dial(self.config.advertise)
+        _keep_alive(connection)
+        return connection
+
+    async def _try_duty_lock(self, connection: Connection) -> bool:
+        assert self.record is not None
+        return (await connection.leader())[0] == self.record.id
+
+    async def _ping(self, connection: Connection) -> None:
+        if not await self._try_duty_lock(connection):
+            raise BackendError("this dqlite node no longer leads")
+
+    async def _close_connection(self, connection: Connection) -> None:
+        await connection.close()
+
+    # -- roles -------------------------------------------------------------------------------------
+
+    async def _roles_loop(self) -> None:
+        """In the leader's process: give nodes the roles the cluster needs, as they come and go."""
+        offline_since: dict[int, float] = {}
+        while True:
+            await asyncio.sleep(ROLES_INTERVAL)
+            if self._duty_connection is None:
+                offline_since.clear()
+                continue
+            try:
+                await self._adjust_roles(offline_since)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("adjusting dqlite roles failed: %s", exc)
+
+    async def _adjust_roles(self, offline_since: dict[int, float]) -> None:
+        assert self.record is not None
+        async with self._pool.connection() as connection:
+            servers = [roles.Node(*server) for server in await connection.cluster()]
+            answered = await asyncio.gather(*(roles.probe(node.address, PROBE_TIMEOUT) for node in servers))
+            now = time.monotonic()
+            for node, online in zip(servers, answered, strict=True):
+                if online:
+                    offline_since.pop(node.id, None)
+                else:
+                    offline_since.setdefault(node.id, now)
+            offline = {node_id for node_id, since in offline_since.items() if now - since >= OFFLINE_GRACE}
+            change = roles.adjust(servers, offline, self.record.id, self.config.voters, self.config.standbys)
+            if change is not None:
+                node_id, role = change
+                await connection.call(wire.assign(node_id, role), wire.EMPTY)
+                log.info("dqlite node %x is now a %s", node_id, roles.ROLE_NAMES[role])
+        members = [node.address for node in servers]
+        if members != self.record.members:
+            self.record.members = members
+            self.record.save(self.config.data_dir)
+
+    # -- maintenance ---------------------------------------------------------------------------------
+
+    async def status(self) -> StorageStatus:
+        """The pages in use, as both sizes: dqlite cannot VACUUM, so free pages are never returned,
+        only reused; counting them would keep the space quota's alarm raised for good after one
+        burst of writes, whatever compaction frees."""
+        async with self._single() as session:
+            rows = await session.rows(
+                "SELECT (page_count - freelist_count) * page_size"
+                " FROM pragma_page_count(), pragma_page_size(), pragma_freelist_count()"
+            )
+        in_use = int(rows[0][0])
+        return StorageStatus(in_use, in_use)
+
+    async def defragment(self) -> None:
+        """dqlite cannot VACUUM (its database is replicated page by page); free pages are reused as it is."""
+        log.info("defragment: dqlite cannot VACUUM; free pages are reused by later writes")
