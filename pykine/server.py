@@ -160,7 +160,7 @@ async def serve(settings: Settings) -> None:
         raise
     url = client_url(address, port, tls is not None)
     cluster_id = await backend.cluster_id()
-    identity = Identity(cluster_id=cluster_id, member_id=member_id(cluster_id, url))
+    identity = Identity(cluster_id=cluster_id, member_id=backend.member_id() or member_id(cluster_id, url))
     await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
     health = HealthService()
     servicers = register_services(registry, engine, identity, settings, health)

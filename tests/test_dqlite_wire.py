@@ -195,7 +195,7 @@ def test_the_asyncio_client_finds_the_leader_through_another_node(tmp_path: Path
 
     first = DqliteNode(BOOTSTRAP_ID, f"127.0.0.1:{free_port()}", str(tmp_path / "first"))
     second_address = f"127.0.0.1:{free_port()}"
-    second = DqliteNode(generate_node_id(second_address), second_address, str(tmp_path / "second"))
+    second = DqliteNode(generate_node_id(), second_address, str(tmp_path / "second"))
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
 
     async def scenario() -> None:

@@ -195,6 +195,14 @@ class Backend(ABC):
     async def compaction_progress(self) -> tuple[int, int]:
         """(compact revision requested, revision physically compacted through)."""
 
+    def member_id(self) -> int | None:
+        """The member id this process serves as, where the datastore names its members (dqlite's node id)."""
+        return None
+
+    async def remove_member(self, member_id: int) -> bool:
+        """Take a member out of the datastore's own cluster; False where members are just the instances serving."""
+        return False
+
     @abstractmethod
     async def status(self) -> StorageStatus:
         """Sizes reported by Maintenance.Status."""

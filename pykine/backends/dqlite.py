@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -38,7 +39,8 @@ from pykine.backends.base import BackendError, ConnectionOptions, StorageStatus
 from pykine.backends.dqliteclient import Connection, NoLeader, connect_leader
 from pykine.backends.dqlitenode import BOOTSTRAP_ID, DqliteNode, generate_node_id
 from pykine.backends.remote import RemoteSQLBackend
-from pykine.backends.sqltext import DQLITE, Statements
+from pykine.backends.sqltext import DQLITE, Statements, member_rows
+from pykine.engine.records import MemberRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -182,7 +184,7 @@ def open_record(config: DqliteConfig) -> NodeRecord:
     if any(name != RECORD + ".tmp" for name in os.listdir(config.data_dir)):
         raise BackendError(f"{config.data_dir} holds files pykine did not create: refusing to start a node there")
     if config.join:
-        node_id = generate_node_id(config.advertise)
+        node_id = generate_node_id()
         record = NodeRecord(node_id, config.advertise, joining=True, members=list(config.join))
     else:
         record = NodeRecord(BOOTSTRAP_ID, config.advertise, members=[config.advertise])
@@ -393,10 +395,13 @@ class DqliteBackend(RemoteSQLBackend):
                 break
             except NoLeader as exc:
                 if time.monotonic() > deadline:
-                    what = "cannot join: no member answered as a dqlite leader" if record.joining else "no leader"
+                    waited = f"within {self.config.start_timeout:g}s ({exc})"
+                    if record.joining:
+                        joining = ", ".join(self.config.join or record.members)
+                        what = f"cannot join: none of {joining} answered as a dqlite leader {waited}"
+                        raise BackendError(what) from None
                     raise BackendError(
-                        f"{what} within {self.config.start_timeout:g}s ({exc});"
-                        " a restarting cluster needs a majority of its voters running"
+                        f"no dqlite leader {waited}: a restarting cluster needs a majority of its voters running"
                     ) from None
                 if time.monotonic() - announced > 5:
                     log.warning("waiting for a dqlite leader: %s", exc)
@@ -546,44 +551,82 @@ class DqliteBackend(RemoteSQLBackend):
     async def _close_connection(self, connection: Connection) -> None:
         await connection.close()
 
-    # -- roles -------------------------------------------------------------------------------------
+    # -- members and roles ---------------------------------------------------------------------------
+
+    def member_id(self) -> int | None:
+        return self.record.id if self.record else None
+
+    async def members(self, since: float) -> list[MemberRow]:
+        """Every node in the Raft configuration, as etcd lists members that are down too."""
+        async with self._pool.connection() as connection:
+            servers = await connection.cluster()
+        async with self._single() as session:
+            rows = {row.id: row for row in member_rows(await session.rows(self.SQL.members, (0,)))}
+        return [rows.get(node_id) or MemberRow(node_id, address, "") for node_id, address, _ in sorted(servers)]
+
+    async def remove_member(self, member_id: int) -> bool:
+        """Take a node out of the Raft configuration for good (its process stops when it notices)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        async with self._pool.connection() as connection:
+            while True:
+                try:
+                    await connection.call(wire.remove(member_id), wire.EMPTY)
+                    break
+                except wire.DqliteFailure as exc:
+                    if not _is_busy(exc) or time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.2)  # another configuration change is in progress
+        log.info("removed dqlite node %x from the cluster", member_id)
+        return True
 
     async def _roles_loop(self) -> None:
-        """In the leader's process: give nodes the roles the cluster needs, as they come and go."""
+        """Watch the configuration: stop if this node was removed; in the leader's process, assign roles."""
         offline_since: dict[int, float] = {}
         while True:
             await asyncio.sleep(ROLES_INTERVAL)
-            if self._duty_connection is None:
-                offline_since.clear()
-                continue
             try:
-                await self._adjust_roles(offline_since)
+                async with self._pool.connection() as connection:
+                    servers = [roles.Node(*server) for server in await connection.cluster()]
+                    if self._removed(servers):
+                        return
+                    if self._duty_connection is None:
+                        offline_since.clear()
+                    else:
+                        await self._adjust_roles(connection, servers, offline_since)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("adjusting dqlite roles failed: %s", exc)
+                log.warning("checking the dqlite cluster's members failed: %s", exc)
 
-    async def _adjust_roles(self, offline_since: dict[int, float]) -> None:
+    def _removed(self, servers: list[roles.Node]) -> bool:
+        """As a removed etcd member does, stop serving once this node has left the configuration."""
         assert self.record is not None
-        async with self._pool.connection() as connection:
-            servers = [roles.Node(*server) for server in await connection.cluster()]
-            answered = await asyncio.gather(*(roles.probe(node.address, PROBE_TIMEOUT) for node in servers))
-            now = time.monotonic()
-            for node, online in zip(servers, answered, strict=True):
-                if online:
-                    offline_since.pop(node.id, None)
-                else:
-                    offline_since.setdefault(node.id, now)
-            offline = {node_id for node_id, since in offline_since.items() if now - since >= OFFLINE_GRACE}
-            change = roles.adjust(servers, offline, self.record.id, self.config.voters, self.config.standbys)
-            if change is not None:
-                node_id, role = change
-                await connection.call(wire.assign(node_id, role), wire.EMPTY)
-                log.info("dqlite node %x is now a %s", node_id, roles.ROLE_NAMES[role])
-        members = [node.address for node in servers]
-        if members != self.record.members:
-            self.record.members = members
-            self.record.save(self.config.data_dir)
+        if self.record.id in {node.id for node in servers}:
+            if [node.address for node in servers] != self.record.members:
+                self.record.members = [node.address for node in servers]
+                self.record.save(self.config.data_dir)
+            return False
+        log.error("dqlite node %x was removed from the cluster: stopping", self.record.id)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return True
+
+    async def _adjust_roles(
+        self, connection: Connection, servers: list[roles.Node], offline_since: dict[int, float]
+    ) -> None:
+        assert self.record is not None
+        answered = await asyncio.gather(*(roles.probe(node.address, PROBE_TIMEOUT) for node in servers))
+        now = time.monotonic()
+        for node, online in zip(servers, answered, strict=True):
+            if online:
+                offline_since.pop(node.id, None)
+            else:
+                offline_since.setdefault(node.id, now)
+        offline = {node_id for node_id, since in offline_since.items() if now - since >= OFFLINE_GRACE}
+        change = roles.adjust(servers, offline, self.record.id, self.config.voters, self.config.standbys)
+        if change is not None:
+            node_id, role = change
+            await connection.call(wire.assign(node_id, role), wire.EMPTY)
+            log.info("dqlite node %x is now a %s", node_id, roles.ROLE_NAMES[role])
 
     # -- maintenance ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 
 from pykine.backends.base import BackendError
 
@@ -40,14 +41,20 @@ def _library() -> ctypes.CDLL:
     lib.dqlite_node_destroy.restype = None
     lib.dqlite_node_errmsg.argtypes = [_node_p]
     lib.dqlite_node_errmsg.restype = ctypes.c_char_p
-    lib.dqlite_generate_node_id.argtypes = [ctypes.c_char_p]
-    lib.dqlite_generate_node_id.restype = ctypes.c_ulonglong
     return lib
 
 
-def generate_node_id(address: str) -> int:
-    """A new random-looking id for a node joining a cluster (libdqlite mixes the address and the time)."""
-    return int(_library().dqlite_generate_node_id(address.encode()))
+def generate_node_id() -> int:
+    """A new random id for a node joining a cluster.
+
+    63 bits, unlike libdqlite's own generator: the node id is also the pykine
+    member id etcd clients see, which pykine's member table stores as a signed
+    64-bit integer.
+    """
+    while True:
+        node_id = secrets.randbits(63)
+        if node_id not in (0, BOOTSTRAP_ID):
+            return node_id
 
 
 class DqliteNode:

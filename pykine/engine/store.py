@@ -422,6 +422,16 @@ class Engine:
         except Exception as exc:
             log.error("member heartbeat failed: %s", exc)
 
+    async def remove_member(self, member_id: int) -> bool:
+        """Remove a member from the datastore's cluster (dqlite); False where members are only instances."""
+        try:
+            if not await self.backend.remove_member(member_id):
+                return False
+            await self.backend.leave(member_id)
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+        return True
+
     async def members(self) -> list[MemberRow]:
         """The instances serving this datastore (this one always among them), by id."""
         try:

@@ -134,8 +134,15 @@ class ClusterService:
 
     @etcd_errors
     async def MemberRemove(self, request: rpc_pb2.MemberRemoveRequest, call: Call) -> rpc_pb2.MemberRemoveResponse:
+        """On dqlite, members are its nodes and leave its Raft cluster; elsewhere they are just instances."""
         await self._member(request.ID)
-        raise ERR_MEMBERS_ARE_INSTANCES
+        if not await self.engine.remove_member(request.ID):
+            raise ERR_MEMBERS_ARE_INSTANCES
+        members = [member for member in await self.engine.members() if member.id != request.ID]
+        return rpc_pb2.MemberRemoveResponse(
+            header=self.identity.header(0),
+            members=[rpc_pb2.Member(ID=m.id, name=m.name, clientURLs=[m.client_url]) for m in members],
+        )
 
     @etcd_errors
     async def MemberUpdate(self, request: rpc_pb2.MemberUpdateRequest, call: Call) -> rpc_pb2.MemberUpdateResponse:
