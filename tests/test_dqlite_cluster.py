@@ -12,6 +12,10 @@ through all three processes while the faults happen:
 - a node removed with `etcdctl member remove` (its process stops) and a new
   node added in its place; the removed node's directory is refused.
 
+Bad starts get one clear line and exit code 2, and change nothing on disk: a
+join address where no cluster answers, a data directory pykine did not make
+or one that belongs to another cluster, and a restart without a quorum.
+
 The concurrency and linearizability checks on three dqlite instances are
 those of test_multi_instance.py.
 """
@@ -26,10 +30,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from databases import free_port
+from dbauth import refused
 from harness import PykineServer, WatchSession, call, pb
 
 from pykine.backends import dqlitewire as wire
@@ -221,7 +227,11 @@ def test_a_full_restart_keeps_the_data_and_a_removed_node_is_replaced(cluster: C
     assert len(writers.acknowledged) > 10
     for server in cluster.servers:
         server.kill()
-    # No node can elect a leader alone: all start at once, as after a power cut.
+    # One node cannot elect a leader alone: it says so instead of serving stale data or bootstrapping anew.
+    dsn, address = cluster.servers[0].dqlite_node or ("", "")
+    line = refused(f"{dsn}?startTimeout=3s", f"--peer-bind-address={address}")
+    assert "no dqlite leader within 3s" in line and "needs a majority of its voters running" in line, line
+    # All start at once, as after a power cut.
     failures: list[BaseException] = []
 
     def start(server: PykineServer) -> None:
@@ -271,6 +281,39 @@ def test_a_full_restart_keeps_the_data_and_a_removed_node_is_replaced(cluster: C
     assert address in {node_address for _, node_address, _ in nodes}
     assert call(newcomer, "KV", "Put", pb.PutRequest(key=b"w/new", value=b"x")).ok
     check_nothing_lost(writers, newcomer)
+
+
+def test_bad_starts_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    line = refused(
+        f"dqlite://{tmp_path}/joiner?join={nowhere}&startTimeout=2s", f"--peer-bind-address=127.0.0.1:{free_port()}"
+    )
+    assert f"cannot join: none of {nowhere} answered as a dqlite leader within 2s" in line, line
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "1-8").write_bytes(b"raft segment")
+    line = refused(f"dqlite://{foreign}", f"--peer-bind-address=127.0.0.1:{free_port()}")
+    assert "holds files pykine did not create: refusing to start" in line, line
+    assert os.listdir(foreign) == ["1-8"] and (foreign / "1-8").read_bytes() == b"raft segment"
+
+    # A node of cluster A started with join= pointing at cluster B.
+    first, second = (PykineServer(str(tmp_path), endpoint=f"dqlite://{tmp_path}/{name}") for name in "ab")
+    try:
+        first.start()
+        assert call(first, "KV", "Put", pb.PutRequest(key=b"mine", value=b"a")).ok
+        first.stop()
+        second.start()
+        dsn, address = first.dqlite_node or ("", "")
+        line = refused(f"{dsn}?join={second.dqlite_node[1] if second.dqlite_node else ''}&startTimeout=2s",
+                       f"--peer-bind-address={address}")  # fmt: skip
+        assert "belongs to cluster" in line and "refusing to start" in line, line
+        first.start()
+        assert call(first, "KV", "Range", pb.RangeRequest(key=b"mine")).response.kvs[0].value == b"a"
+        assert not call(second, "KV", "Range", pb.RangeRequest(key=b"mine")).response.kvs
+    finally:
+        first.stop()
+        second.stop()
 
 
 def etcdctl(server: PykineServer, *args: str) -> subprocess.CompletedProcess[str]:

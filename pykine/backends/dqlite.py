@@ -387,8 +387,10 @@ class DqliteBackend(RemoteSQLBackend):
 
     async def _join_cluster(self, record: NodeRecord) -> None:
         """Find a leader, join if new, create the schema if the cluster is new, and check the cluster's id."""
+        if not record.joining and self.config.join:
+            await self._check_join_addresses(record)
         deadline = time.monotonic() + self.config.start_timeout
-        announced = 0.0
+        announced = time.monotonic()
         while True:
             try:
                 connection = await connect_leader(self._addresses(), DATABASE)
@@ -428,6 +430,32 @@ class DqliteBackend(RemoteSQLBackend):
         record.cluster_id = cluster_id
         record.members = [address for _, address, _ in servers]
         record.save(self.config.data_dir)
+
+    async def _check_join_addresses(self, record: NodeRecord) -> None:
+        """A member restarted with `join=` must belong to the cluster those addresses lead, if they answer.
+
+        Otherwise its data directory belongs to another cluster, which its own
+        raft state might well go on serving (every cluster's first node has the
+        same id, so the cluster ids are compared, not the node ids).
+        """
+        try:
+            connection = await connect_leader(self.config.join, DATABASE)
+        except (NoLeader, OSError, TimeoutError, wire.DqliteFailure, wire.ProtocolError):
+            return  # not up yet, as in a full restart: the checks after finding a leader still run
+        try:
+            servers = await connection.cluster()
+            rows = await connection.query("SELECT value FROM meta WHERE name = 'cluster_id'")
+        except wire.DqliteFailure:
+            rows = []  # no schema there yet
+        finally:
+            await connection.close()
+        theirs = int(rows[0][0]) if rows else 0
+        member = record.id in {node_id for node_id, _, _ in servers}
+        if not member or (record.cluster_id and theirs != record.cluster_id):
+            raise BackendError(
+                f"data directory {self.config.data_dir} belongs to cluster {record.cluster_id:x}, not to"
+                f" cluster {theirs:x} at {', '.join(self.config.join)}: refusing to start"
+            )
 
     async def _add_self(self, connection: Connection, record: NodeRecord) -> None:
         """Ask the leader to add this node (as a spare); a node added before a crash is not added twice."""
