@@ -71,6 +71,9 @@ class ServerSpec:
     def env(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def ready(self, workdir: Path) -> None:
+        """Wait, once the server answers, until it is what the row describes (a cluster formed, say)."""
+
     def teardown(self, workdir: Path) -> None:
         """Undo setup(); the workdir itself is removed by the caller."""
 
@@ -187,6 +190,64 @@ class PykineNatsClusterSpec(PykineSpec):
         self.cluster.destroy()
 
 
+@dataclass
+class PykineDqliteSpec(PykineSpec):
+    """pykine on dqlite: the node in the pykine process, bootstrapping a cluster of its own.
+
+    With `nodes` above 1, that many more pykine processes join the cluster
+    (their CPU and memory are not in the row) and the measured one leads it:
+    every write is replicated to a quorum before it is acknowledged.
+    """
+
+    nodes: int = 1
+
+    def setup(self, workdir: Path) -> None:
+        self.peers = [f"127.0.0.1:{free_port()}" for _ in range(self.nodes)]
+        self.endpoint = f"dqlite://{workdir}/dqlite-0"
+        self.args = (f"--peer-bind-address={self.peers[0]}",)
+        self.helpers: list[subprocess.Popen[bytes]] = []
+        for number, peer in enumerate(self.peers[1:], 1):
+            command = [
+                sys.executable, "-m", "pykine", f"--listen-address=127.0.0.1:{free_port()}",
+                f"--endpoint=dqlite://{workdir}/dqlite-{number}?join={self.peers[0]}",
+                f"--peer-bind-address={peer}",
+            ]  # fmt: skip
+            with open(workdir / f"dqlite-{number}.log", "ab") as log:
+                self.helpers.append(
+                    subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+                )
+
+    def ready(self, workdir: Path) -> None:
+        """Until every node votes (the measured process's node, which bootstrapped, leads)."""
+        import asyncio
+
+        from pykine.backends import dqlitewire as wire
+        from pykine.backends.dqliteclient import connect_leader
+
+        async def voters() -> int:
+            connection = await connect_leader(self.peers[:1], "pykine")
+            try:
+                return sum(role == wire.VOTER for _, _, role in await connection.cluster())
+            finally:
+                await connection.close()
+
+        deadline = time.monotonic() + START_TIMEOUT
+        while asyncio.run(voters()) < self.nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: the dqlite cluster never had {self.nodes} voters")
+            time.sleep(0.2)
+
+    def teardown(self, workdir: Path) -> None:
+        for helper in self.helpers:
+            helper.terminate()
+        for helper in self.helpers:
+            try:
+                helper.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
+
+
 # The first selected server is the baseline the others are compared with.
 SERVERS: list[ServerSpec] = [
     EtcdSpec("etcd", "etcd 3.4 (Debian), one member, data in a temporary directory"),
@@ -214,6 +275,13 @@ SERVERS: list[ServerSpec] = [
     PykineNatsClusterSpec(
         "pykine-nats-r3",
         "pykine on a 3-node NATS cluster on loopback, 3 replicas (the cluster's CPU and memory not counted)",
+    ),
+    PykineDqliteSpec("pykine-dqlite", "pykine on dqlite: a 1-node cluster, the node inside the pykine process"),
+    PykineDqliteSpec(
+        "pykine-dqlite-3",
+        "pykine on a 3-node dqlite cluster on loopback, leading it; the other two nodes are pykine processes"
+        " (their CPU and memory not counted)",
+        nodes=3,
     ),
 ]
 
@@ -383,6 +451,7 @@ def start(spec: ServerSpec, workdir: Path, pki: Pki | None) -> Running:
             raise RuntimeError(f"{spec.name} exited with {process.returncode} while starting:\n{running.log_tail()}")
         if port_open(address) and status_ok(address, pki):
             running.start_seconds = time.perf_counter() - began
+            spec.ready(workdir)
             return running
         if time.perf_counter() > deadline:
             stop(running)
@@ -642,7 +711,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [spec.name for spec in SERVERS]
     parser.add_argument(
         "--servers",
-        default="etcd,pykine,pykine-pg,pykine-mysql,pykine-nats,pykine-nats-r3",
+        default="etcd,pykine,pykine-pg,pykine-mysql,pykine-nats,pykine-nats-r3,pykine-dqlite,pykine-dqlite-3",
         help=f"comma-separated, in order; the first is the baseline (known: {', '.join(names)})",
     )
     parser.add_argument("--tls", action="store_true", help="every server on TLS requiring client certificates (mTLS)")

@@ -211,6 +211,14 @@ def test_killing_the_leader_loses_no_acknowledged_write(cluster: Cluster) -> Non
     leader.start()
     cluster.wait_for_voters(3)
     assert check_nothing_lost(writers, leader) == all_keys(survivors[0])
+    # etcdctl move-leader hands Raft leadership to it; endpoint status names the new leader everywhere.
+    member = call(leader, "Maintenance", "Status", pb.StatusRequest()).response.header.member_id
+    endpoints = ",".join(server.address for server in cluster.servers)
+    moved = etcdctl(leader, f"--endpoints={endpoints}", "move-leader", f"{member:x}")
+    assert moved.returncode == 0, moved
+    assert cluster.leader() is leader
+    for server in cluster.servers:
+        assert call(server, "Maintenance", "Status", pb.StatusRequest()).response.leader == member
     time.sleep(1)  # the restarted node has the log by now; take another node away to prove it
     other = survivors[0] if cluster.leader() is not survivors[0] else survivors[1]
     other.kill()

@@ -74,6 +74,8 @@ class ConnectionOptions:
 class StorageStatus:
     db_size: int
     db_size_in_use: int
+    # The member that leads, where the datastore has a leader (dqlite); 0: every instance takes writes.
+    leader: int = 0
 
 
 class Backend(ABC):
@@ -198,6 +200,10 @@ class Backend(ABC):
     def member_id(self) -> int | None:
         """The member id this process serves as, where the datastore names its members (dqlite's node id)."""
         return None
+
+    async def move_leader(self, member_id: int) -> bool:
+        """Make `member_id` the datastore's leader, where it has one (dqlite); False: every instance leads."""
+        return False
 
     async def remove_member(self, member_id: int) -> bool:
         """Take a member out of the datastore's own cluster; False where members are just the instances serving."""

@@ -330,6 +330,10 @@ class _AutocommitSession:
             for row in rows:
                 await self.execute(statement, row)
 
+    async def leader(self) -> int:
+        """The leader's node id, as the leader itself says."""
+        return (await self._run(lambda connection: connection.leader()))[0]
+
 
 async def _busy_retrying(call: Callable[[], Awaitable[T]]) -> T:
     """Run `call` again, with growing jittered pauses, while dqlite answers BUSY (it never waits itself)."""
@@ -592,6 +596,14 @@ class DqliteBackend(RemoteSQLBackend):
             rows = {row.id: row for row in member_rows(await session.rows(self.SQL.members, (0,)))}
         return [rows.get(node_id) or MemberRow(node_id, address, "") for node_id, address, _ in sorted(servers)]
 
+    async def move_leader(self, member_id: int) -> bool:
+        async with self._pool.connection() as connection:
+            if (await connection.leader())[0] == member_id:
+                return True
+            await connection.call(wire.transfer(member_id), wire.EMPTY)
+        log.info("moved dqlite leadership to node %x", member_id)
+        return True
+
     async def remove_member(self, member_id: int) -> bool:
         """Take a node out of the Raft configuration for good (its process stops when it notices)."""
         deadline = time.monotonic() + BUSY_TIMEOUT
@@ -667,8 +679,9 @@ class DqliteBackend(RemoteSQLBackend):
                 "SELECT (page_count - freelist_count) * page_size"
                 " FROM pragma_page_count(), pragma_page_size(), pragma_freelist_count()"
             )
+            leader = await session.leader()
         in_use = int(rows[0][0])
-        return StorageStatus(in_use, in_use)
+        return StorageStatus(in_use, in_use, leader)
 
     async def defragment(self) -> None:
         """dqlite cannot VACUUM (its database is replicated page by page); free pages are reused as it is."""

@@ -499,6 +499,12 @@ class Engine:
     async def status(self) -> StorageStatus:
         return await self.backend.status()
 
+    async def move_leader(self, member_id: int) -> None:
+        try:
+            await self.backend.move_leader(member_id)
+        except Exception as exc:
+            raise UnavailableError(str(exc)) from exc
+
     async def defragment(self) -> None:
         await self.backend.defragment()
         await self.alarms.refresh()

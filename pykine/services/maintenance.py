@@ -36,7 +36,7 @@ class MaintenanceService:
             version=self.version,
             dbSize=sizes.db_size,
             dbSizeInUse=sizes.db_size_in_use,
-            leader=self.identity.member_id,
+            leader=sizes.leader or self.identity.member_id,
             raftIndex=revision,
             raftTerm=self.identity.raft_term,
             raftAppliedIndex=revision,
@@ -92,10 +92,12 @@ class MaintenanceService:
 
     @etcd_errors
     async def MoveLeader(self, request: rpc_pb2.MoveLeaderRequest, call: Call) -> rpc_pb2.MoveLeaderResponse:
-        """Every instance already serves writes: moving to any member is done at once, as etcd does
-        for its own leader; a target that is not a member is refused as etcd refuses it."""
+        """On dqlite, Raft leadership moves to the target's node. Elsewhere every instance already
+        serves writes: moving to any member is done at once, as etcd does for its own leader. A
+        target that is not a member is refused as etcd refuses it."""
         if request.targetID not in {member.id for member in await self.engine.members()}:
             raise ERR_BAD_LEADER_TRANSFEREE
+        await self.engine.move_leader(request.targetID)
         return rpc_pb2.MoveLeaderResponse()
 
     @etcd_errors
