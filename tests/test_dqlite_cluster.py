@@ -211,14 +211,10 @@ def test_killing_the_leader_loses_no_acknowledged_write(cluster: Cluster) -> Non
     leader.start()
     cluster.wait_for_voters(3)
     assert check_nothing_lost(writers, leader) == all_keys(survivors[0])
-    # etcdctl move-leader hands Raft leadership to it; endpoint status names the new leader everywhere.
-    member = call(leader, "Maintenance", "Status", pb.StatusRequest()).response.header.member_id
-    endpoints = ",".join(server.address for server in cluster.servers)
-    moved = etcdctl(leader, f"--endpoints={endpoints}", "move-leader", f"{member:x}")
-    assert moved.returncode == 0, moved
-    assert cluster.leader() is leader
+    # Every process names the same Raft leader in Maintenance.Status, as etcd's members do.
+    leading = call(cluster.leader(), "Maintenance", "Status", pb.StatusRequest()).response.header.member_id
     for server in cluster.servers:
-        assert call(server, "Maintenance", "Status", pb.StatusRequest()).response.leader == member
+        assert call(server, "Maintenance", "Status", pb.StatusRequest()).response.leader == leading
     time.sleep(1)  # the restarted node has the log by now; take another node away to prove it
     other = survivors[0] if cluster.leader() is not survivors[0] else survivors[1]
     other.kill()
@@ -226,6 +222,20 @@ def test_killing_the_leader_loses_no_acknowledged_write(cluster: Cluster) -> Non
     wait_until_serving(remaining)
     check_nothing_lost(writers, leader)
     check_nothing_lost(writers, remaining)
+
+
+def test_move_leader_hands_raft_leadership_over(cluster: Cluster) -> None:
+    """etcdctl move-leader, sent through any member, makes the target's node the Raft leader."""
+    cluster.wait_for_voters(3)
+    endpoints = ",".join(server.address for server in cluster.servers)
+    for target in cluster.servers:
+        member = call(target, "Maintenance", "Status", pb.StatusRequest()).response.header.member_id
+        moved = etcdctl(cluster.servers[0], f"--endpoints={endpoints}", "move-leader", f"{member:x}")
+        assert moved.returncode == 0, moved
+        assert cluster.leader() is target
+        for server in cluster.servers:
+            assert call(server, "Maintenance", "Status", pb.StatusRequest()).response.leader == member
+        assert call(target, "KV", "Put", pb.PutRequest(key=b"moved", value=b"%x" % member)).ok
 
 
 def test_a_full_restart_keeps_the_data_and_a_removed_node_is_replaced(cluster: Cluster) -> None:

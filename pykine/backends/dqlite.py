@@ -66,6 +66,7 @@ BUSY = 5
 OFFLINE_GRACE = 5.0
 ROLES_INTERVAL = 1.0
 PROBE_TIMEOUT = 1.0
+READ_BEGIN = "BEGIN"
 
 
 class Retry(Exception):
@@ -309,15 +310,28 @@ class _AutocommitSession:
         self.pool = pool
 
     async def _run(self, use: Callable[[Connection], Awaitable[T]]) -> T:
-        deadline = time.monotonic() + LEADER_TIMEOUT
+        deadline = 0.0
+        pause = 0.0005
         while True:
+            connection = await self.pool.acquire()
             try:
-                async with self.pool.connection() as connection:
-                    return await _busy_retrying(lambda: use(connection))
-            except Exception as exc:
-                if not _needs_new_connection(exc) or time.monotonic() > deadline:
+                result = await use(connection)
+            except BaseException as exc:
+                await self.pool.release(connection, _spoils(exc))
+                busy = _is_busy(exc)
+                if not (busy or (isinstance(exc, Exception) and _needs_new_connection(exc))):
                     raise
-                log.debug("dqlite statement runs again on the new leader: %s", exc)
+                deadline = deadline or time.monotonic() + LEADER_TIMEOUT
+                if time.monotonic() > deadline:
+                    raise
+                if busy:
+                    await asyncio.sleep(pause * (0.5 + random.random()))
+                    pause = min(pause * 2, 0.02)
+                else:
+                    log.debug("dqlite statement runs again on the new leader: %s", exc)
+                continue
+            await self.pool.release(connection)
+            return result
 
     async def rows(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return await self._run(lambda connection: connection.query(statement, params))
@@ -485,25 +499,11 @@ class DqliteBackend(RemoteSQLBackend):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._roles_task
             self._roles_task = None
-        if self._node is not None and self._duty_connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._hand_over(), 5.0)
         await self.close_duty_connection()
         await self._pool.close()
         node, self._node = self._node, None
         if node is not None:
             await asyncio.get_running_loop().run_in_executor(None, node.close)
-
-    async def _hand_over(self) -> None:
-        """Pass leadership to another voter that answers, so the cluster need not wait for an election."""
-        assert self.record is not None
-        async with self._pool.connection() as connection:
-            servers = await connection.cluster()
-            for node_id, address, role in servers:
-                if node_id != self.record.id and role == wire.VOTER and await roles.probe(address, PROBE_TIMEOUT):
-                    await connection.call(wire.transfer(node_id), wire.EMPTY)
-                    log.info("handed dqlite leadership to node %x (%s)", node_id, address)
-                    return
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -538,6 +538,11 @@ class DqliteBackend(RemoteSQLBackend):
             if isinstance(exc, Exception) and _needs_new_connection(exc):
                 raise Retry(f"the dqlite leader changed during a transaction (rolled back): {exc}") from exc
             raise
+        if begin == READ_BEGIN:
+            # Nothing to lose in a read transaction's end, so the reader need not wait for it.
+            await connection.execute_later("COMMIT")
+            await self._pool.release(connection)
+            return
         try:
             await connection.execute("COMMIT")
         except BaseException as exc:
@@ -550,7 +555,7 @@ class DqliteBackend(RemoteSQLBackend):
         await self._pool.release(connection)
 
     def _read_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
-        return self._transaction("BEGIN")
+        return self._transaction(READ_BEGIN)
 
     def _write_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
         return self._transaction("BEGIN IMMEDIATE")

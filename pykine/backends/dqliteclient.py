@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
 import socket
@@ -53,9 +54,15 @@ class Connection:
         self._writer = writer
         self._decoder = wire.Decoder()
         self._received: list[tuple[int, bytes]] = []
+        # Executions sent without waiting: their responses come first, and are checked then.
+        self._deferred = 0
         self._lock = asyncio.Lock()
-        self._prepared: dict[str, int] = {}
-        self._socket = writer.get_extra_info("socket")
+        # Statement text -> (id, whether it is a read), checked once when prepared.
+        self._prepared: dict[str, tuple[int, bool]] = {}
+        # Our own handle on the socket, for the option set before every read (asyncio's
+        # wrapper makes a new socket object on each call).
+        transport_socket = writer.get_extra_info("socket")
+        self._socket = socket.socket(fileno=os.dup(transport_socket.fileno())) if transport_socket else None
 
     @classmethod
     async def dial(cls, address: str) -> Connection:
@@ -68,6 +75,18 @@ class Connection:
         return cls(address, reader, writer)
 
     async def _receive(self) -> tuple[int, bytes]:
+        while True:
+            kind, body = await self._next_message()
+            if not self._deferred:
+                return kind, body
+            self._deferred -= 1
+            if kind != wire.RESULT:
+                # Which state the deferred statement left behind is unknown: the connection is done for.
+                failure = wire.Reader(body)
+                detail = f"{failure.uint64()}: {failure.text()}" if kind == wire.FAILURE else f"response {kind}"
+                raise ConnectionError(f"a deferred dqlite statement failed ({detail})")
+
+    async def _next_message(self) -> tuple[int, bytes]:
         while not self._received:
             if self._socket is not None:
                 # dqlite sets no TCP_NODELAY: without an immediate ACK from us, its next small
@@ -100,31 +119,41 @@ class Connection:
                 if not batch.more:
                     return collected
 
-    async def _statement(self, sql: str) -> int:
-        """The id of `sql` prepared on this connection (prepared now if it is new)."""
-        statement = self._prepared.pop(sql, None)
-        if statement is None:
+    async def _statement(self, sql: str, read: bool) -> int:
+        """The id of `sql` prepared on this connection (prepared now if it is new), if it is of the kind wanted."""
+        found = self._prepared.pop(sql, None)
+        if found is None:
             if len(self._prepared) >= PREPARED_LIMIT:
                 oldest = next(iter(self._prepared))
-                await self.call(wire.finalize(0, self._prepared.pop(oldest)), wire.EMPTY)
-            reader = await self.call(wire.prepare(0, sql), wire.STMT)
-            reader.uint32()
-            statement = reader.uint32()
-        self._prepared[sql] = statement  # (re)inserted last: the dict's order is recency
-        return statement
+                await self.call(wire.finalize(0, self._prepared.pop(oldest)[0]), wire.EMPTY)
+            kind = is_query(sql)
+            if kind == read:
+                reader = await self.call(wire.prepare(0, sql), wire.STMT)
+                reader.uint32()
+                found = reader.uint32(), kind
+            else:
+                found = -1, kind
+        if found[1] != read:
+            what = "not a read, refusing to send it as a dqlite query" if read else "a read, refusing to execute it"
+            raise ValueError(f"{what}: {sql[:60]}")
+        self._prepared[sql] = found  # (re)inserted last: the dict's order is recency
+        return found[0]
 
     async def query(self, sql: str, values: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a read, through a prepared statement."""
-        if not is_query(sql):
-            raise ValueError(f"not a read, refusing to send it as a dqlite query: {sql[:60]}")
-        return await self.rows(wire.query(0, await self._statement(sql), values))
+        return await self.rows(wire.query(0, await self._statement(sql, True), values))
 
     async def execute(self, sql: str, values: Sequence[Any] = ()) -> tuple[int, int]:
         """(last insert rowid, rows changed) of a statement that returns no rows, prepared."""
-        if is_query(sql):
-            raise ValueError(f"a read, refusing to send it as a dqlite execution: {sql[:60]}")
-        reader = await self.call(wire.execute(0, await self._statement(sql), values), wire.RESULT)
+        reader = await self.call(wire.execute(0, await self._statement(sql, False), values), wire.RESULT)
         return reader.uint64(), reader.uint64()
+
+    async def execute_later(self, sql: str) -> None:
+        """Send an execution (a read transaction's COMMIT) without waiting: the next request checks it."""
+        statement = await self._statement(sql, False)
+        async with self._lock:
+            self._writer.write(wire.execute(0, statement))
+            self._deferred += 1
 
     async def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Execute statements in order, all written at once: one round trip for many.
@@ -133,11 +162,7 @@ class Connection:
         connection stays in step; a failed statement does not stop the ones
         after it, so callers run pipelines inside a transaction they roll back.
         """
-        requests = []
-        for sql, values in statements:
-            if is_query(sql):
-                raise ValueError(f"a read, refusing to send it as a dqlite execution: {sql[:60]}")
-            requests.append(wire.execute(0, await self._statement(sql), values))
+        requests = [wire.execute(0, await self._statement(sql, False), values) for sql, values in statements]
         failure: Exception | None = None
         async with self._lock:
             self._writer.write(b"".join(requests))
@@ -167,6 +192,9 @@ class Connection:
         return [(reader.uint64(), reader.text(), reader.uint64()) for _ in range(reader.uint64())]
 
     async def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()  # our duplicate of the descriptor only
+            self._socket = None
         self._writer.close()
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
