@@ -66,7 +66,9 @@ def run(nodes: int, workers: int, seconds: int) -> dict[str, float]:
             lines = result.read_text().splitlines()
             operations += int(lines[0].split()[1])
             errors += int(lines[1].split()[1])
-            latencies += [float(line) for line in lines[3:] if line.strip()]
+            # A header (n, n_err, avg, max, min, a title), then "<timestamp ns> <ms>" per operation.
+            start = next(i for i, line in enumerate(lines) if line.startswith("measurements")) + 1
+            latencies += [float(line.split()[1]) for line in lines[start:] if len(line.split()) == 2]
         latencies.sort()
         return {
             "nodes": nodes,

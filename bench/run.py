@@ -200,10 +200,11 @@ class PykineDqliteSpec(PykineSpec):
     """
 
     nodes: int = 1
+    options: str = ""
 
     def setup(self, workdir: Path) -> None:
         self.peers = [f"127.0.0.1:{free_port()}" for _ in range(self.nodes)]
-        self.endpoint = f"dqlite://{workdir}/dqlite-0"
+        self.endpoint = f"dqlite://{workdir}/dqlite-0{self.options}"
         self.args = (f"--peer-bind-address={self.peers[0]}",)
         self.helpers: list[subprocess.Popen[bytes]] = []
         for number, peer in enumerate(self.peers[1:], 1):
@@ -282,6 +283,12 @@ SERVERS: list[ServerSpec] = [
         "pykine on a 3-node dqlite cluster on loopback, leading it; the other two nodes are pykine processes"
         " (their CPU and memory not counted)",
         nodes=3,
+    ),
+    PykineDqliteSpec(
+        "pykine-dqlite-3-lr",
+        "as pykine-dqlite-3, with leaderReads=true: reads without the ReadIndex barrier (k8s-dqlite's consistency)",
+        nodes=3,
+        options="?leaderReads=true",
     ),
 ]
 

@@ -72,7 +72,10 @@ def test_adjust_converges_from_every_join_order() -> None:
 
 def test_dsn_and_peer_flags() -> None:
     options = ConnectionOptions(peer_bind_address="0.0.0.0:9001", peer_advertise_address="10.0.0.3:9001")
-    config = parse_dsn("dqlite:///var/lib/pykine?join=10.0.0.1:9001,10.0.0.2:9001&voters=5&latency=5ms", options)
+    config = parse_dsn(
+        "dqlite:///var/lib/pykine?join=10.0.0.1:9001,10.0.0.2:9001&voters=5&latency=5ms&leaderReads=true", options
+    )
+    assert config.leader_reads
     assert config.data_dir == "/var/lib/pykine"
     assert config.join == ("10.0.0.1:9001", "10.0.0.2:9001")
     assert (config.bind, config.advertise, config.voters, config.latency_ms) == (
@@ -92,6 +95,7 @@ def test_dsn_and_peer_flags() -> None:
         ("dqlite://d?voters=2", ConnectionOptions(), "voters must be odd"),
         ("dqlite://d?replicas=3", ConnectionOptions(), "unknown dqlite option 'replicas'"),
         ("dqlite://d?latency=fast", ConnectionOptions(), "dqlite option latency"),
+        ("dqlite://d?leaderReads=yes", ConnectionOptions(), "leaderReads must be true or false"),
         ("dqlite://d", ConnectionOptions(peer_bind_address="localhost:9001"), "--peer-bind-address must be"),
         ("dqlite://d", ConnectionOptions(peer_bind_address="0.0.0.0:9001"), "--peer-advertise-address must be"),
     ],

@@ -106,10 +106,12 @@ class DqliteConfig:
     # One-way network latency raft assumes; election timeouts are a multiple of it.
     latency_ms: int = 20
     start_timeout: float = START_TIMEOUT
+    # Serve reads as dqlite's leader does, without confirming its leadership first (k8s-dqlite's behaviour).
+    leader_reads: bool = False
 
 
 def parse_dsn(dsn: str, options: ConnectionOptions) -> DqliteConfig:
-    """dqlite://<data dir>?join=a:p,b:p&voters=3&standbys=0&latency=20ms&startTimeout=60s."""
+    """dqlite://<data dir>?join=a:p,b:p&voters=3&standbys=0&latency=20ms&startTimeout=60s&leaderReads=false."""
     rest = dsn.partition("://")[2]
     path, _, query = rest.partition("?")
     if not path:
@@ -123,6 +125,10 @@ def parse_dsn(dsn: str, options: ConnectionOptions) -> DqliteConfig:
             if not value.isdigit():
                 raise BackendError(f"dqlite option {name} must be a number, got {value!r}")
             values[name] = int(value)
+        elif name == "leaderReads":
+            if value not in ("true", "false"):
+                raise BackendError(f"dqlite option leaderReads must be true or false, got {value!r}")
+            values["leader_reads"] = value == "true"
         elif name in ("latency", "startTimeout"):
             from pykine.durations import parse_duration
 
@@ -135,7 +141,9 @@ def parse_dsn(dsn: str, options: ConnectionOptions) -> DqliteConfig:
             else:
                 values["start_timeout"] = seconds
         else:
-            raise BackendError(f"unknown dqlite option {name!r} (known: join, voters, standbys, latency, startTimeout)")
+            raise BackendError(
+                f"unknown dqlite option {name!r} (known: join, voters, standbys, latency, startTimeout, leaderReads)"
+            )
     voters = values.get("voters", 3)
     if voters < 1 or voters % 2 == 0:
         raise BackendError(f"dqlite option voters must be odd, got {voters}")
@@ -561,7 +569,7 @@ class DqliteBackend(RemoteSQLBackend):
         record.save(self.config.data_dir)
 
     def _barriers_needed(self) -> ReadBarriers | None:
-        return self._barriers if self._voters != 1 else None
+        return None if self._voters == 1 or self.config.leader_reads else self._barriers
 
     async def read_range(self, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
         token = LINEARIZABLE.set(True)
