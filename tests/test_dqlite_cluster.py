@@ -6,8 +6,9 @@ through all three processes while the faults happen:
 
 - kill -9 of the process whose node leads: no acknowledged write is lost, the
   survivors serve again after an election (the window is printed, not
-  asserted), and the killed node rejoins and catches up: after it is back,
-  another node is killed and the cluster still has a quorum with it;
+  asserted), lease expiry passes to the new leader's process, and the killed
+  node rejoins and catches up: after it is back, another node is killed and
+  the cluster still has a quorum with it;
 - every process killed, then all started again: the data is intact;
 - a node removed with `etcdctl member remove` (its process stops) and a new
   node added in its place; the removed node's directory is refused.
@@ -178,6 +179,12 @@ def test_killing_the_leader_loses_no_acknowledged_write(cluster: Cluster) -> Non
     watch = WatchSession(survivors[0])
     watch.create(key=b"w/", range_end=b"w0", start_revision=1)
     assert watch.next(timeout=BOUND).created
+    # Lease expiry is the leader's process's duty; this lease must still expire after the kill.
+    assert "now expires leases" in leader.log() and "now expires leases" not in survivors[1].log()
+    granted = call(survivors[1], "Lease", "LeaseGrant", pb.LeaseGrantRequest(TTL=3))
+    assert granted.ok, granted
+    leased = pb.PutRequest(key=b"w/lease", value=b"v", lease=granted.response.ID)
+    assert call(survivors[1], "KV", "Put", leased).ok
     with Writers(cluster.servers) as writers:
         time.sleep(2)
         killed_at = time.monotonic()
@@ -195,10 +202,15 @@ def test_killing_the_leader_loses_no_acknowledged_write(cluster: Cluster) -> Non
         gaps.append(after[0] - (before[-1] if before else killed_at))
     print(f"\n[dqlite leader kill -9] writes through survivors paused {max(gaps):.2f}s; "
           f"{len(writers.acknowledged)} writes acknowledged")  # fmt: skip
-    stored = check_nothing_lost(writers, survivors[1])
+    deadline = time.monotonic() + BOUND
+    while call(survivors[1], "KV", "Range", pb.RangeRequest(key=b"w/lease")).response.count:
+        assert time.monotonic() < deadline, "the lease never expired after the leader's process died"
+        time.sleep(0.1)
+    assert any("now expires leases" in server.log() for server in survivors)
+    check_nothing_lost(writers, survivors[1])
 
-    # Every watcher saw one gap-free sequence holding every stored key once.
-    last = max(stored.values())
+    # The watcher saw one gap-free sequence: every write, the lease's key and its expiry.
+    last = call(survivors[1], "KV", "Range", pb.RangeRequest(key=b"w/")).response.header.revision
     seen: list[int] = []
     while not seen or seen[-1] < last:
         response = watch.next(timeout=BOUND)

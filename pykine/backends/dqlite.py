@@ -432,6 +432,15 @@ async def _busy_retrying(call: Callable[[], Awaitable[T]]) -> T:
         pause = min(pause * 2, 0.02)
 
 
+async def _linearizable(read: Awaitable[T]) -> T:
+    """Run a read that etcd would answer linearizably: its sessions pass a read barrier first."""
+    token = LINEARIZABLE.set(True)
+    try:
+        return await read
+    finally:
+        LINEARIZABLE.reset(token)
+
+
 # -- the backend ---------------------------------------------------------------------------------------
 
 
@@ -572,32 +581,16 @@ class DqliteBackend(RemoteSQLBackend):
         return None if self._voters == 1 or self.config.leader_reads else self._barriers
 
     async def read_range(self, query: RangeQuery, known: KnownRows | None = None) -> RangeRows:
-        token = LINEARIZABLE.set(True)
-        try:
-            return await super().read_range(query, known)
-        finally:
-            LINEARIZABLE.reset(token)
+        return await _linearizable(super().read_range(query, known))
 
     async def read_snapshot(self, reads: ReadSet) -> Snapshot:
-        token = LINEARIZABLE.set(True)
-        try:
-            return await super().read_snapshot(reads)
-        finally:
-            LINEARIZABLE.reset(token)
+        return await _linearizable(super().read_snapshot(reads))
 
     async def read_lease(self, lease_id: int, with_keys: bool) -> tuple[int, LeaseRow | None, list[bytes]]:
-        token = LINEARIZABLE.set(True)
-        try:
-            return await super().read_lease(lease_id, with_keys)
-        finally:
-            LINEARIZABLE.reset(token)
+        return await _linearizable(super().read_lease(lease_id, with_keys))
 
     async def lease_ids(self) -> tuple[int, list[int]]:
-        token = LINEARIZABLE.set(True)
-        try:
-            return await super().lease_ids()
-        finally:
-            LINEARIZABLE.reset(token)
+        return await _linearizable(super().lease_ids())
 
     async def close(self) -> None:
         if self._roles_task is not None:
