@@ -67,6 +67,9 @@ BUSY = 5
 OFFLINE_GRACE = 5.0
 ROLES_INTERVAL = 1.0
 PROBE_TIMEOUT = 1.0
+# A request the leader has not acknowledged at the TCP level within this long fails, so a leader cut
+# off by the network is left for the new one within about two seconds, not TCP's minutes.
+USER_TIMEOUT_MS = 2000
 READ_BEGIN = "BEGIN"
 # ReadIndex by write: a commit the leader makes after a read arrived proves it still leads.
 READ_BARRIER = "UPDATE meta SET value = value + 1 WHERE name = 'read_barrier'"
@@ -230,8 +233,8 @@ def _keep_alive(connection: Connection) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 5000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 class LeaderPool:
