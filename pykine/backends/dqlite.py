@@ -520,7 +520,7 @@ class DqliteBackend(RemoteSQLBackend):
         if record.id not in {node_id for node_id, _, _ in servers}:
             raise BackendError(
                 f"dqlite node {record.id:x} is not a member of the cluster it reached"
-                " (removed, or its data directory belongs to another cluster): refusing to start"
+                " (it was removed, or its data directory belongs to another cluster): refusing to start"
             )
         await self._init_schema()
         async with self._single() as session:
@@ -555,11 +555,16 @@ class DqliteBackend(RemoteSQLBackend):
         finally:
             await connection.close()
         theirs = int(rows[0][0]) if rows else 0
-        member = record.id in {node_id for node_id, _, _ in servers}
-        if not member or (record.cluster_id and theirs != record.cluster_id):
+        joined = ", ".join(self.config.join)
+        if record.cluster_id and theirs and theirs != record.cluster_id:
             raise BackendError(
                 f"data directory {self.config.data_dir} belongs to cluster {record.cluster_id:x}, not to"
-                f" cluster {theirs:x} at {', '.join(self.config.join)}: refusing to start"
+                f" cluster {theirs:x} at {joined}: refusing to start"
+            )
+        if record.id not in {node_id for node_id, _, _ in servers}:
+            raise BackendError(
+                f"dqlite node {record.id:x} is not a member of the cluster at {joined}"
+                " (it was removed, or its data directory belongs to another cluster): refusing to start"
             )
 
     async def _add_self(self, connection: Connection, record: NodeRecord) -> None:
