@@ -144,6 +144,18 @@ class EtcdServer(Server):
         ]
 
 
+def etcdctl(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    """Real etcdctl (API 3) against one server, its output captured."""
+    return subprocess.run(
+        ["etcdctl", f"--endpoints={server.address}", "--command-timeout=20s", *args],
+        env=dict(os.environ, ETCDCTL_API="3"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def default_endpoint(workdir: str) -> str:
     """The datastore for a workdir; servers started on one workdir share it, as with SQLite.
 

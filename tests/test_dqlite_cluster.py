@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -37,7 +36,7 @@ import grpc
 import pytest
 from databases import free_port
 from dbauth import refused
-from harness import PykineServer, WatchSession, call, pb
+from harness import PykineServer, WatchSession, call, etcdctl, pb
 
 from pykine.backends import dqlitewire as wire
 from pykine.backends.dqliteclient import connect_leader
@@ -344,14 +343,3 @@ def test_bad_starts_are_refused_and_change_nothing(tmp_path: Path) -> None:
     finally:
         first.stop()
         second.stop()
-
-
-def etcdctl(server: PykineServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["etcdctl", f"--endpoints={server.address}", "--command-timeout=20s", *args],
-        env=dict(os.environ, ETCDCTL_API="3"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )

@@ -7,7 +7,6 @@ same datastore, and survives restarts (it is stored in the datastore).
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -17,23 +16,12 @@ from collections.abc import Iterator
 import databases
 import grpc
 import pytest
-from harness import PykineServer, call, default_endpoint, pb
+from harness import PykineServer, call, default_endpoint, etcdctl, pb
 
 # Room above the empty datastore's size: database servers grow in larger steps (InnoDB by megabytes).
 MARGIN = {"sqlite": 400_000, "postgres": 800_000, "mysql": 3_000_000, "nats": 400_000, "dqlite": 400_000}
 VALUE = 1500
 MAX_WRITES = 20_000
-
-
-def etcdctl(server: PykineServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["etcdctl", f"--endpoints={server.address}", "--command-timeout=20s", *args],
-        env=dict(os.environ, ETCDCTL_API="3"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def health(server: PykineServer) -> tuple[int, bytes]:
