@@ -128,9 +128,8 @@ class Connection:
                 await self.call(wire.finalize(0, self._prepared.pop(oldest)[0]), wire.EMPTY)
             kind = is_query(sql)
             if kind == read:
-                reader = await self.call(wire.prepare(0, sql), wire.STMT)
-                reader.uint32()
-                found = reader.uint32(), kind
+                _, statement, _ = wire.parse_stmt((await self.call(wire.prepare(0, sql), wire.STMT)).body)
+                found = statement, kind
             else:
                 found = -1, kind
         if found[1] != read:
@@ -145,8 +144,8 @@ class Connection:
 
     async def execute(self, sql: str, values: Sequence[Any] = ()) -> tuple[int, int]:
         """(last insert rowid, rows changed) of a statement that returns no rows, prepared."""
-        reader = await self.call(wire.execute(0, await self._statement(sql, False), values), wire.RESULT)
-        return reader.uint64(), reader.uint64()
+        request = wire.execute(0, await self._statement(sql, False), values)
+        return wire.parse_result((await self.call(request, wire.RESULT)).body)
 
     async def execute_later(self, sql: str) -> None:
         """Send an execution (a read transaction's COMMIT) without waiting: the next request checks it."""
@@ -176,20 +175,17 @@ class Connection:
             raise failure
 
     async def leader(self) -> tuple[int, str]:
-        reader = await self.call(wire.leader(), wire.SERVER)
-        return reader.uint64(), reader.text()
+        return wire.parse_server((await self.call(wire.leader(), wire.SERVER)).body)
 
     async def exec_sql(self, sql: str, values: Sequence[Any] = ()) -> tuple[int, int]:
         """(last insert rowid, rows changed) of a statement that returns no rows."""
-        reader = await self.call(wire.exec_sql(0, sql, values), wire.RESULT)
-        return reader.uint64(), reader.uint64()
+        return wire.parse_result((await self.call(wire.exec_sql(0, sql, values), wire.RESULT)).body)
 
     async def query_sql(self, sql: str, values: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return await self.rows(wire.query_sql(0, sql, values))
 
     async def cluster(self) -> list[tuple[int, str, int]]:
-        reader = await self.call(wire.cluster(), wire.SERVERS)
-        return [(reader.uint64(), reader.text(), reader.uint64()) for _ in range(reader.uint64())]
+        return wire.parse_servers((await self.call(wire.cluster(), wire.SERVERS)).body)
 
     async def close(self) -> None:
         if self._socket is not None:
