@@ -281,6 +281,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         fail("--workers does not apply to dqlite: the dqlite node belongs to one process")
     if (args.peer_bind_address or args.peer_advertise_address) and not args.endpoint.startswith("dqlite://"):
         fail("--peer-bind-address and --peer-advertise-address apply to dqlite:// endpoints only")
+    if args.skip_verify and args.endpoint.startswith(("http://", "https://")):
+        fail("--skip-verify does not apply to a passthrough: give etcd's CA with --ca-file")
     tls = _client_tls(args)
     if tls is None and args.listen_address.startswith(SECURE_SCHEMES):
         fail(f"--listen-address {args.listen_address} needs --server-cert-file and --server-key-file")

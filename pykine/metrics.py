@@ -17,3 +17,8 @@ WRITE_BATCH_FAILURES = Counter(
     "pykine_write_batch_failures_total",
     "Write batches the datastore failed; every request in them got UNAVAILABLE.",
 )
+PASSTHROUGH_SECONDS = Histogram(
+    "pykine_passthrough_call_seconds",
+    "Time etcd took to answer a call forwarded by a passthrough (http(s):// endpoint), by method.",
+    ["method"],
+)

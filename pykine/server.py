@@ -16,6 +16,8 @@ from pykine import __version__
 from pykine.backends import open_backend
 from pykine.backends.base import BackendError
 from pykine.cli import Settings, fail
+from pykine.client.connection import Connection, TLSConfig
+from pykine.client.errors import ConfigError
 from pykine.engine.records import MemberRow
 from pykine.engine.store import Engine
 from pykine.engine.tokens import make_tokens
@@ -24,10 +26,11 @@ from pykine.services.auth import AuthService
 from pykine.services.encode import Identity
 from pykine.services.gateway import add_gateway_routes
 from pykine.services.handlers import register
-from pykine.services.health import HealthService, add_http_routes, add_metrics_route
+from pykine.services.health import EngineProbe, HealthService, Probe, add_http_routes, add_metrics_route
 from pykine.services.kv import KVService
 from pykine.services.lease import LeaseService
 from pykine.services.maintenance import ClusterService, MaintenanceService
+from pykine.services.passthrough import Passthrough
 from pykine.services.validate import MAX_RECEIVE_BYTES
 from pykine.services.watch import WatchService
 from pykine.transport.grpc import CallLimits, Registry
@@ -88,11 +91,9 @@ def member_id(cluster_id: int, url: str) -> int:
     return int.from_bytes(digest, "big") >> 1 or 1
 
 
-def register_services(
-    registry: Registry, engine: Engine, identity: Identity, settings: Settings, health: HealthService
-) -> dict[str, object]:
-    """Serve every etcd service over gRPC; returns the servicers by service name (for the JSON gateway)."""
-    servicers: dict[str, object] = {
+def engine_servicers(engine: Engine, identity: Identity, settings: Settings) -> dict[str, object]:
+    """etcd's six services on the engine, by service name."""
+    return {
         "KV": KVService(engine, identity),
         "Watch": WatchService(engine, identity),
         "Lease": LeaseService(engine, identity),
@@ -100,11 +101,14 @@ def register_services(
         "Cluster": ClusterService(engine, identity),
         "Auth": AuthService(engine, identity),
     }
+
+
+def register_services(registry: Registry, servicers: dict[str, object], health: HealthService) -> None:
+    """Serve every etcd service, and gRPC health, over gRPC."""
     services = rpc_pb2.DESCRIPTOR.services_by_name
     for name, servicer in servicers.items():
         register(registry, services[name], servicer)
     register(registry, health_pb2.DESCRIPTOR.services_by_name["Health"], health)
-    return servicers
 
 
 async def listen(
@@ -121,19 +125,43 @@ async def listen(
         raise BackendError(f"cannot listen on {listen_address}: {exc.strerror or exc}") from exc
 
 
+def is_passthrough(endpoint: str) -> bool:
+    """An http(s):// endpoint names etcd servers to forward to, not a datastore (kine's passthrough)."""
+    return endpoint.startswith(("http://", "https://"))
+
+
+def open_passthrough(settings: Settings) -> Passthrough:
+    """The forwarder to the etcd endpoints, with --ca-file/--cert-file/--key-file for TLS to them."""
+    options = settings.connection
+    tls = None
+    if options.ca_file or options.cert_file or options.key_file:
+        tls = TLSConfig(options.ca_file, options.cert_file, options.key_file)
+    try:
+        return Passthrough(Connection(settings.endpoint, tls, timeout=None))
+    except ConfigError as error:
+        raise BackendError(f"passthrough endpoint: {error}") from None
+
+
 async def serve(settings: Settings) -> None:
     if not settings.reuse_port:
         check_listen_address(settings.listen_address)
     address = split_listen_address(settings.listen_address)
-    backend = open_backend(settings.endpoint, settings.connection)
-    engine = Engine(
-        backend,
-        compact_batch_size=settings.compact_batch_size,
-        progress_interval=settings.watch_progress_notify_interval,
-        quota_bytes=settings.quota_backend_bytes,
-        tokens=make_tokens(settings.auth_token, backend, settings.auth_token_ttl),
-    )
-    await engine.start()
+    engine: Engine | None = None
+    passthrough: Passthrough | None = None
+    if is_passthrough(settings.endpoint):
+        passthrough = open_passthrough(settings)
+        backend_name = f"etcd passthrough to {settings.endpoint}"
+    else:
+        backend = open_backend(settings.endpoint, settings.connection)
+        backend_name = backend.name
+        engine = Engine(
+            backend,
+            compact_batch_size=settings.compact_batch_size,
+            progress_interval=settings.watch_progress_notify_interval,
+            quota_bytes=settings.quota_backend_bytes,
+            tokens=make_tokens(settings.auth_token, backend, settings.auth_token_ttl),
+        )
+        await engine.start()
 
     registry = Registry()
     router = Router()
@@ -156,16 +184,26 @@ async def serve(settings: Settings) -> None:
             await listen(metrics_server, settings.metrics_bind_address)
     except (BackendError, TlsConfigError):
         await server.shutdown(0)
-        await engine.close()
+        await close_core(engine, passthrough)
         raise
     url = client_url(address, port, tls is not None)
-    cluster_id = await backend.cluster_id()
-    identity = Identity(cluster_id=cluster_id, member_id=backend.member_id() or member_id(cluster_id, url))
-    await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
     health = HealthService()
-    servicers = register_services(registry, engine, identity, settings, health)
-    add_http_routes(router, engine, settings.emulated_etcd_version)
-    add_gateway_routes(router, servicers, MAX_RECEIVE_BYTES, lambda: engine.auth.enabled)
+    if engine is not None:
+        cluster_id = await engine.backend.cluster_id()
+        identity = Identity(cluster_id=cluster_id, member_id=engine.backend.member_id() or member_id(cluster_id, url))
+        await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
+        servicers = engine_servicers(engine, identity, settings)
+        probe: Probe = EngineProbe(engine, settings.emulated_etcd_version)
+        auth = engine.auth
+        auth_enabled = lambda: auth.enabled  # noqa: E731
+    else:
+        assert passthrough is not None
+        servicers = passthrough.servicers()
+        probe = passthrough
+        auth_enabled = lambda: False  # noqa: E731  # etcd behind decides, and no certificate name reaches it
+    register_services(registry, servicers, health)
+    add_http_routes(router, probe)
+    add_gateway_routes(router, servicers, MAX_RECEIVE_BYTES, auth_enabled)
     await server.start()
     if metrics_server is not None:
         await metrics_server.start()
@@ -174,7 +212,7 @@ async def serve(settings: Settings) -> None:
         __version__,
         settings.emulated_etcd_version,
         url,
-        backend.name,
+        backend_name,
     )
 
     stop = asyncio.Event()
@@ -187,7 +225,14 @@ async def serve(settings: Settings) -> None:
     await server.shutdown(grace=2)
     if metrics_server is not None:
         await metrics_server.shutdown(grace=0)
-    await engine.close()
+    await close_core(engine, passthrough)
+
+
+async def close_core(engine: Engine | None, passthrough: Passthrough | None) -> None:
+    if engine is not None:
+        await engine.close()
+    if passthrough is not None:
+        await passthrough.close()
 
 
 def raise_open_file_limit() -> None:

@@ -12,8 +12,6 @@ DEFAULT_SQLITE_PATH = "./db/state.db"
 # Options kine's SQLite DSNs carry for its Go driver that have no meaning here.
 IGNORED_SQLITE_OPTIONS = {"cache", "_txlock", "mode", "_fk", "_foreign_keys"}
 
-PLANNED_SCHEMES = ("http", "https")
-
 
 def open_backend(endpoint: str, options: ConnectionOptions | None = None) -> Backend:
     """Build the backend an endpoint names; raise BackendError for a bad one."""
@@ -44,9 +42,10 @@ def open_backend(endpoint: str, options: ConnectionOptions | None = None) -> Bac
         from pykine.backends.dqlite import DqliteBackend
 
         return DqliteBackend(endpoint, options)
-    if scheme in PLANNED_SCHEMES:
-        raise BackendError(f"endpoint scheme {scheme!r} is not supported by this pykine yet")
-    raise BackendError(f"unknown endpoint scheme {scheme!r} (supported: sqlite, postgres, mysql, nats, dqlite)")
+    raise BackendError(
+        f"unknown endpoint scheme {scheme!r} "
+        "(supported: sqlite, postgres, mysql, nats, dqlite; http and https pass through to etcd)"
+    )
 
 
 def _sqlite(path: str, query: str, options: ConnectionOptions) -> Backend:

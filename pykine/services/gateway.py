@@ -136,6 +136,12 @@ class GatewayCall:
                 return value.decode("latin-1")
         return None
 
+    @property
+    def metadata(self) -> dict[str, str | bytes]:
+        """The gRPC metadata etcd's gateway would pass on: the token."""
+        token = self.header(b"token")
+        return {"token": token} if token is not None else {}
+
 
 def websocket_token(request: HttpRequest) -> str | None:
     """A WebSocket client's token: the `Authorization` header, a `Bearer, <token>` subprotocol, or a `token` cookie."""
@@ -283,10 +289,12 @@ async def _no_requests() -> AsyncIterator[Message]:
     yield
 
 
-async def _results(responses: Any) -> AsyncIterator[bytes]:
+async def _results(responses: Any, response_class: Any) -> AsyncIterator[bytes]:
     """A streaming call's answers, one `{"result":…}` JSON line each, or the error that ended it."""
     try:
         async for response in responses:
+            if isinstance(response, Encoded):  # a passthrough forwards etcd's bytes
+                response = response_class.FromString(bytes(response))
             yield b'{"result":' + to_json(response) + b"}\n"
     except RpcError as error:
         yield stream_error(error) + b"\n"
@@ -294,7 +302,9 @@ async def _results(responses: Any) -> AsyncIterator[bytes]:
         await responses.aclose()
 
 
-async def open_stream(reader: RequestReader, method: Callable[[Any, Any], Any], call: GatewayCall) -> Any:
+async def open_stream(
+    reader: RequestReader, method: Callable[[Any, Any], Any], call: GatewayCall, response_class: Any
+) -> Any:
     """The call's answers as JSON lines, or the error response for a first request that is not one."""
     try:
         first = await reader.next()
@@ -302,12 +312,13 @@ async def open_stream(reader: RequestReader, method: Callable[[Any, Any], Any], 
         # grpc-gateway passes the decoder's error on as it is: gRPC code Unknown.
         return error_response(Status.UNKNOWN, str(problem))
     requests = _no_requests() if first is None else reader.rest(first)
-    return _results(method(requests, call))
+    return _results(method(requests, call), response_class)
 
 
-def stream_route(method: Callable[[Any, Any], Any], request_class: type[Message]) -> Handler:
+def stream_route(method: Callable[[Any, Any], Any], request_class: type[Message], response_class: Any) -> Handler:
     async def handle(request: HttpRequest) -> HttpResponse:
-        answers = await open_stream(RequestReader(_one(request.body), request_class), method, GatewayCall(request))
+        reader = RequestReader(_one(request.body), request_class)
+        answers = await open_stream(reader, method, GatewayCall(request), response_class)
         if isinstance(answers, HttpResponse):
             return answers
         return HttpResponse(200, answers, content_type=JSON, headers=list(SUCCESS_HEADERS))
@@ -315,12 +326,14 @@ def stream_route(method: Callable[[Any, Any], Any], request_class: type[Message]
     return handle
 
 
-def stream_socket(method: Callable[[Any, Any], Any], request_class: type[Message]) -> WebSocketHandler:
+def stream_socket(
+    method: Callable[[Any, Any], Any], request_class: type[Message], response_class: Any
+) -> WebSocketHandler:
     """A streaming route over a WebSocket: requests as messages, each answer a text message."""
 
     async def handle(request: HttpRequest, socket: WebSocket) -> None:
         reader = RequestReader(_lines(socket), request_class)
-        answers = await open_stream(reader, method, GatewayCall(request, websocket_token(request)))
+        answers = await open_stream(reader, method, GatewayCall(request, websocket_token(request)), response_class)
         if isinstance(answers, HttpResponse):
             assert isinstance(answers.body, bytes)
             await socket.send(answers.body)
@@ -424,9 +437,11 @@ def add_gateway_routes(
         implementation = getattr(servicers.get(service), name, None)
         if implementation is None:
             continue
-        request_class = GetMessageClass(services[service].methods_by_name[name].input_type)
-        streaming = stream_route(implementation, request_class)
-        socket_handler = stream_socket(implementation, request_class)
+        descriptor = services[service].methods_by_name[name]
+        request_class = GetMessageClass(descriptor.input_type)
+        response_class = GetMessageClass(descriptor.output_type)
+        streaming = stream_route(implementation, request_class, response_class)
+        socket_handler = stream_socket(implementation, request_class, response_class)
         for prefix in PREFIXES:
             router.add("POST", prefix + path, streaming)
             router.add_websocket(prefix + path, socket_handler)

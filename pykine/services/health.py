@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -75,9 +76,37 @@ def add_metrics_route(router: Router) -> None:
     router.add("GET", "/metrics", metrics)
 
 
-def add_http_routes(router: Router, engine: Engine, version: str) -> None:
+class Probe(Protocol):
+    """What /health and /version ask of whatever answers the calls: the engine, or the etcd behind a passthrough."""
+
+    async def healthy(self) -> bool: ...
+
+    async def versions(self) -> tuple[str, str]:
+        """(server version, cluster version), as etcd's /version gives them."""
+        ...
+
+
+class EngineProbe:
+    """Healthy while the datastore answers and no alarm is raised; the versions pykine emulates."""
+
+    def __init__(self, engine: Engine, version: str) -> None:
+        self.engine = engine
+        self.version = version
+
+    async def healthy(self) -> bool:
+        await asyncio.wait_for(self.engine.revision(), HEALTH_TIMEOUT)
+        return not await asyncio.wait_for(self.engine.alarms.current(), HEALTH_TIMEOUT)
+
+    async def versions(self) -> tuple[str, str]:
+        return self.version, cluster_version(self.version)
+
+
+def cluster_version(version: str) -> str:
+    return ".".join(version.split(".")[:2]) + ".0"
+
+
+def add_http_routes(router: Router, probe: Probe) -> None:
     """/health, /version and /metrics, as on etcd's client port."""
-    cluster_version = ".".join(version.split(".")[:2]) + ".0"
 
     async def health(request: HttpRequest) -> HttpResponse:
         """etcd's answer, byte for byte: unhealthy with a raised alarm or a failing datastore.
@@ -86,8 +115,7 @@ def add_http_routes(router: Router, engine: Engine, version: str) -> None:
         unhealthy one is Go's http.Error, which adds a newline and nosniff.
         """
         try:
-            await asyncio.wait_for(engine.revision(), HEALTH_TIMEOUT)
-            healthy = not await asyncio.wait_for(engine.alarms.current(), HEALTH_TIMEOUT)
+            healthy = await probe.healthy()
         except Exception:
             healthy = False
         if healthy:
@@ -100,7 +128,11 @@ def add_http_routes(router: Router, engine: Engine, version: str) -> None:
         )
 
     async def version_info(request: HttpRequest) -> HttpResponse:
-        return _json(200, {"etcdserver": version, "etcdcluster": cluster_version})
+        try:
+            server, cluster = await probe.versions()
+        except Exception as error:
+            return _json(503, {"error": str(error)})
+        return _json(200, {"etcdserver": server, "etcdcluster": cluster})
 
     router.cors_headers = CORS_HEADERS
     router.add("GET", "/health", health)

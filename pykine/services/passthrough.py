@@ -1,0 +1,199 @@
+"""Passthrough: every etcd call forwarded to real etcd endpoints, as kine does for an http(s):// endpoint.
+
+No engine and no datastore: each method of etcd's six services forwards the
+request it received to the etcd endpoints through `pykine.client`'s
+connection, and answers with etcd's response bytes, or etcd's status code and
+message, unchanged. pykine's own transport, TLS termination, JSON gateway and
+/metrics stay in front.
+
+- Unary calls keep the caller's deadline and its metadata (the auth token,
+  etcd's `hasleader`); a read that meets an unavailable endpoint is tried on
+  the next, a write only if it never left (as etcd's Go client does).
+- Watch and LeaseKeepAlive are forwarded stream for stream: each request as
+  it comes, each answer as it comes, the caller's half-close and cancellation
+  passed on, and an upstream failure (etcd stopping, losing its leader with
+  `hasleader` set) ends the caller's stream with etcd's status, as through
+  etcd's own grpc-proxy. Snapshot streams the same way.
+
+Not forwarded: the TLS identity of the caller (a client certificate's
+CommonName ends here, as at any TLS-terminating proxy; use a token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import grpc.aio
+from google.protobuf.descriptor import MethodDescriptor
+
+from pykine.client.connection import Connection, Metadata
+from pykine.client.errors import EtcdError
+from pykine.metrics import PASSTHROUGH_SECONDS
+from pykine.services.encode import Encoded
+from pykine.services.health import HEALTH_TIMEOUT, cluster_version
+from pykine.transport.grpc import RpcError, Status, parse_timeout
+from pykine.wire import rpc_pb2
+
+SERVICES = ("KV", "Watch", "Lease", "Cluster", "Maintenance", "Auth")
+
+# Calls that change nothing, so that etcd's Go client retries them on another endpoint.
+REPEATABLE = {
+    "Range",
+    "LeaseTimeToLive",
+    "LeaseLeases",
+    "Status",
+    "Hash",
+    "HashKV",
+    "MemberList",
+    "AuthStatus",
+    "UserGet",
+    "UserList",
+    "RoleGet",
+    "RoleList",
+}
+
+# Request headers that belong to the hop, not to etcd.
+_HOP_HEADERS = ("user-agent", "grpc-")
+
+
+def forwarded_metadata(call: Any) -> Metadata:
+    return [(name, value) for name, value in call.metadata.items() if not name.startswith(_HOP_HEADERS)]
+
+
+def caller_timeout(call: Any) -> float | None:
+    """The seconds left of the caller's deadline (None: none), so that etcd gives up when the caller does."""
+    value = call.header(b"grpc-timeout")
+    return None if value is None else parse_timeout(value.encode("latin-1"))
+
+
+def _status(error: EtcdError) -> RpcError:
+    try:
+        return RpcError(Status(error.code), error.message)
+    except ValueError:
+        return RpcError(Status.UNKNOWN, error.message)
+
+
+@contextlib.contextmanager
+def _upstream_errors(connection: Connection, index: int) -> Iterator[None]:
+    """A failed stream ends the caller's with etcd's status and message."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise _status(connection.error(error, index)) from None
+
+
+class Passthrough:
+    """Servicers for etcd's six services that forward to `connection`'s endpoints."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def servicers(self) -> dict[str, object]:
+        """One object per service, with a forwarding method per RPC, for the transport and the gateway."""
+        servicers: dict[str, object] = {}
+        for name in SERVICES:
+            service = rpc_pb2.DESCRIPTOR.services_by_name[name]
+            servicers[name] = SimpleNamespace(**{method.name: self._forwarder(method) for method in service.methods})
+        return servicers
+
+    def _forwarder(self, method: MethodDescriptor) -> Callable[..., Any]:
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        if method.client_streaming:
+            return self._bidirectional(path)
+        if method.server_streaming:
+            return self._server_streaming(path)
+        return self._unary(path, method.name in REPEATABLE)
+
+    def _unary(self, path: str, repeatable: bool) -> Callable[[Any, Any], Awaitable[Encoded]]:
+        connection = self.connection
+        timing = PASSTHROUGH_SECONDS.labels(path)
+
+        async def forward(request: Any, call: Any) -> Encoded:
+            started = time.perf_counter()
+            try:
+                answer = await connection.unary(
+                    path,
+                    request.SerializeToString(),
+                    repeatable=repeatable,
+                    metadata=forwarded_metadata(call),
+                    timeout=caller_timeout(call),
+                )
+            except EtcdError as error:
+                raise _status(error) from None
+            finally:
+                timing.observe(time.perf_counter() - started)
+            return Encoded(answer)
+
+        return forward
+
+    def _server_streaming(self, path: str) -> Callable[[Any, Any], AsyncIterator[Encoded]]:
+        connection = self.connection
+
+        async def forward(request: Any, call: Any) -> AsyncIterator[Encoded]:
+            upstream, index = connection.server_stream(
+                path, request.SerializeToString(), forwarded_metadata(call), caller_timeout(call)
+            )
+            try:
+                with _upstream_errors(connection, index):
+                    async for answer in upstream:
+                        yield Encoded(answer)
+            finally:
+                upstream.cancel()
+
+        return forward
+
+    def _bidirectional(self, path: str) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[Encoded]]:
+        connection = self.connection
+
+        async def forward(requests: AsyncIterator[Any], call: Any) -> AsyncIterator[Encoded]:
+            upstream, index = connection.stream(path, forwarded_metadata(call), caller_timeout(call))
+
+            async def send() -> None:
+                async for request in requests:
+                    await upstream.write(request.SerializeToString())
+                await upstream.done_writing()
+
+            sending = asyncio.create_task(send())
+            try:
+                with _upstream_errors(connection, index):
+                    async for answer in upstream:
+                        yield Encoded(answer)
+            finally:
+                sending.cancel()
+                upstream.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    await sending
+
+        return forward
+
+    # -- /health and /version ------------------------------------------------------
+
+    async def _status(self) -> rpc_pb2.StatusResponse:
+        answer = await self.connection.unary(
+            "/etcdserverpb.Maintenance/Status", b"", repeatable=True, timeout=HEALTH_TIMEOUT
+        )
+        return rpc_pb2.StatusResponse.FromString(answer)
+
+    async def healthy(self) -> bool:
+        """etcd's own test: a leader, and no alarm raised."""
+        if not (await self._status()).leader:
+            return False
+        alarms = await self.connection.unary(
+            "/etcdserverpb.Maintenance/Alarm",
+            rpc_pb2.AlarmRequest(action=rpc_pb2.AlarmRequest.GET).SerializeToString(),
+            repeatable=True,
+            timeout=HEALTH_TIMEOUT,
+        )
+        return not rpc_pb2.AlarmResponse.FromString(alarms).alarms
+
+    async def versions(self) -> tuple[str, str]:
+        version = (await self._status()).version
+        return version, cluster_version(version)
+
+    async def close(self) -> None:
+        await self.connection.close()
