@@ -345,6 +345,12 @@ def _client_tls(args: argparse.Namespace) -> TlsFiles | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["client"]:
+        from pykine.client.command import main as client_main
+
+        client_main(arguments[1:])
+        return
     settings = parse_settings(argv)
     if settings.workers > 1:
         from pykine.workers import supervise

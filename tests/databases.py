@@ -14,6 +14,9 @@ dqlite needs no server: each pykine process hosts a node. A test datastore is
 a directory of nodes (`dqlite_node`): the first pykine started on it
 bootstraps a cluster, one started while others run joins them, and one
 started later takes over a stopped node's directory and address.
+
+etcd runs pykine as a passthrough to a real etcd that the test harness starts
+for each datastore (tests/harness.py `upstream_etcd`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 BACKEND = os.environ.get("PYKINE_TEST_BACKEND", "sqlite")
-if BACKEND not in ("sqlite", "postgres", "mysql", "nats", "dqlite"):
-    raise RuntimeError(f"PYKINE_TEST_BACKEND must be sqlite, postgres, mysql, nats or dqlite, not {BACKEND!r}")
+if BACKEND not in ("sqlite", "postgres", "mysql", "nats", "dqlite", "etcd"):
+    raise RuntimeError(f"PYKINE_TEST_BACKEND must be sqlite, postgres, mysql, nats, dqlite or etcd, not {BACKEND!r}")
 
 STANDARD_PORTS = {"postgres": 5432, "mysql": 3306}
 

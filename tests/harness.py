@@ -125,10 +125,11 @@ class EtcdServer(Server):
         super().__init__(workdir)
         self.peer_port = free_port()
         self.extra_args = list(extra_args)
+        self.client_scheme = "http"  # https with --cert-file and --key-file in extra_args
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        client = f"http://{self.address}"
+        client = f"{self.client_scheme}://{self.address}"
         return [
             shutil.which("etcd") or "etcd",
             "--name=default",
@@ -165,12 +166,53 @@ def default_endpoint(workdir: str) -> str:
         return f"sqlite://{os.path.join(workdir, 'state.db')}"
     if databases.BACKEND == "dqlite":
         return f"dqlite://{os.path.join(workdir, 'dqlite')}"
+    if databases.BACKEND == "etcd":
+        return upstream_etcd(os.path.join(workdir, "upstream-etcd"))
     name = "pykine_test_" + hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
     return databases.database_endpoint(databases.BACKEND, name)
 
 
+# PYKINE_TEST_BACKEND=etcd: the real etcd a passthrough pykine forwards to, by endpoint. It runs
+# while a pykine pointed at it runs, and keeps its data directory between runs, like a datastore.
+_upstreams: dict[str, EtcdServer] = {}
+_upstream_users: dict[str, set[int]] = {}
+# pykine flags that, in passthrough, belong to the etcd behind it.
+UPSTREAM_FLAGS = ("--quota-backend-bytes=", "--auth-token=", "--auth-token-ttl=")
+
+
+def upstream_etcd(directory: str) -> str:
+    """The endpoint of the upstream etcd kept in `directory` (started by the first pykine that uses it)."""
+    for endpoint, server in _upstreams.items():
+        if server.workdir == directory:
+            return endpoint
+    os.makedirs(directory, exist_ok=True)
+    server = EtcdServer(directory)
+    endpoint = f"http://{server.address}"
+    _upstreams[endpoint] = server
+    return endpoint
+
+
 class PykineServer(Server):
     name = "pykine"
+
+    def start(self, timeout: float = 30.0) -> None:
+        upstream = _upstreams.get(self.endpoint)
+        if upstream is not None:
+            users = _upstream_users.setdefault(self.endpoint, set())
+            if upstream.process is None:
+                upstream.extra_args = [arg for arg in self.extra_args if arg.startswith(UPSTREAM_FLAGS)]
+                upstream.start()
+            users.add(id(self))
+        super().start(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        super().stop(sig)
+        upstream = _upstreams.get(self.endpoint)
+        users = _upstream_users.get(self.endpoint, set())
+        if upstream is not None and id(self) in users:
+            users.discard(id(self))
+            if not users:
+                upstream.stop()
 
     def __init__(self, workdir: str, *extra_args: str, endpoint: str | None = None) -> None:
         super().__init__(workdir)

@@ -47,29 +47,27 @@ class TLSConfig:
         """Read and check the files now, so a mistake is a ConfigError and not a failed handshake later."""
         if bool(self.cert_file) != bool(self.key_file):
             raise ConfigError("TLS: a client certificate needs both cert_file and key_file")
+        ca, cert, key = (_read(path) for path in (self.ca_file, self.cert_file, self.key_file))
         context = ssl.create_default_context()
         try:
-            if self.ca_file:
-                context.load_verify_locations(cafile=self.ca_file)
+            if ca is not None:
+                context.load_verify_locations(cadata=ca.decode("latin-1"))
             if self.cert_file:
                 context.load_cert_chain(self.cert_file, self.key_file)
-        except FileNotFoundError as error:
-            raise ConfigError(f"TLS: cannot read {error.filename}: {error.strerror}") from None
-        except (ssl.SSLError, OSError) as error:
+        except (ssl.SSLError, ValueError) as error:
             files = ", ".join(name for name in (self.ca_file, self.cert_file, self.key_file) if name)
             raise ConfigError(f"TLS: bad certificate or key in {files}: {error}") from None
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.ca_file),
-            private_key=_read(self.key_file),
-            certificate_chain=_read(self.cert_file),
-        )
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 def _read(path: str) -> bytes | None:
     if not path:
         return None
-    with open(path, "rb") as file:
-        return file.read()
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise ConfigError(f"TLS: cannot read {path}: {error.strerror}") from None
 
 
 def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[list[str], bool]:
