@@ -33,10 +33,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check pykine tests bench
 	$(BIN)/ruff format --check pykine tests bench
 
-# Regenerate the Python code for the wire declarations in pykine/wire/*.proto.
+# Regenerate the Python code for the wire declarations in pykine/wire/*.proto, into pykine's own
+# descriptor pool (pykine/wire/pool.py) instead of protobuf's default one.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
 		pykine/wire/kv.proto pykine/wire/auth.proto pykine/wire/rpc.proto pykine/wire/health.proto
+	sed -i -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from pykine.wire.pool import POOL as _POOL/' \
+		-e 's/_descriptor_pool\.Default()/_POOL/' pykine/wire/*_pb2.py
 
 # pykine against real etcd with Kubernetes' request shapes (bench/run.py --help for the knobs,
 # e.g. make bench BENCH_ARGS="--objects 200 --clients 4"); writes bench/results/<date>.json.

@@ -249,6 +249,37 @@ class PykineDqliteSpec(PykineSpec):
                 helper.wait()
 
 
+@dataclass
+class PykinePassthroughSpec(PykineSpec):
+    """pykine as a passthrough proxy (an http:// endpoint) in front of a real etcd started for the run.
+
+    The etcd's CPU and memory are not in the row; its throughput through pykine, against the
+    etcd row's (the same etcd, direct), is the proxy's overhead.
+    """
+
+    def setup(self, workdir: Path) -> None:
+        upstream = workdir / "upstream"
+        upstream.mkdir()
+        address = f"127.0.0.1:{free_port()}"
+        command = EtcdSpec("upstream", "").command(upstream, address, None)
+        with open(upstream / "etcd.log", "ab") as log:
+            self.upstream = subprocess.Popen(command, cwd=upstream, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (port_open(address) and status_ok(address, None)):
+            if self.upstream.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: the upstream etcd did not start")
+            time.sleep(0.05)
+        self.endpoint = f"http://{address}"
+
+    def teardown(self, workdir: Path) -> None:
+        self.upstream.terminate()
+        try:
+            self.upstream.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.upstream.kill()
+            self.upstream.wait()
+
+
 # The first selected server is the baseline the others are compared with.
 SERVERS: list[ServerSpec] = [
     EtcdSpec("etcd", "etcd 3.4 (Debian), one member, data in a temporary directory"),
@@ -289,6 +320,10 @@ SERVERS: list[ServerSpec] = [
         "as pykine-dqlite-3, with leaderReads=true: reads without the ReadIndex barrier (k8s-dqlite's consistency)",
         nodes=3,
         options="?leaderReads=true",
+    ),
+    PykinePassthroughSpec(
+        "pykine-passthrough",
+        "pykine forwarding every call to a real etcd 3.4 behind it (http:// endpoint); the etcd's CPU not counted",
     ),
 ]
 
@@ -718,7 +753,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [spec.name for spec in SERVERS]
     parser.add_argument(
         "--servers",
-        default="etcd,pykine,pykine-pg,pykine-mysql,pykine-nats,pykine-nats-r3,pykine-dqlite,pykine-dqlite-3",
+        default="etcd,pykine,pykine-pg,pykine-mysql,pykine-nats,pykine-nats-r3,pykine-dqlite,pykine-dqlite-3,pykine-passthrough",
         help=f"comma-separated, in order; the first is the baseline (known: {', '.join(names)})",
     )
     parser.add_argument("--tls", action="store_true", help="every server on TLS requiring client certificates (mTLS)")

@@ -126,19 +126,22 @@ class EtcdServer(Server):
         self.peer_port = free_port()
         self.extra_args = list(extra_args)
         self.client_scheme = "http"  # https with --cert-file and --key-file in extra_args
+        # A member of a cluster of several: its name and the whole --initial-cluster.
+        self.member_name = "default"
+        self.initial_cluster = ""
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
         client = f"{self.client_scheme}://{self.address}"
         return [
             shutil.which("etcd") or "etcd",
-            "--name=default",
+            f"--name={self.member_name}",
             f"--data-dir={os.path.join(self.workdir, 'etcd-data')}",
             f"--listen-client-urls={client}",
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=default={peer}",
+            f"--initial-cluster={self.initial_cluster or f'default={peer}'}",
             "--logger=zap",
             "--log-level=error",
             *self.extra_args,
