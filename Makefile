@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-sqlite test-postgres test-mysql test-nats test-dqlite lint proto bench system-deps clean
+.PHONY: run test test-sqlite test-postgres test-mysql test-nats test-dqlite test-passthrough lint proto bench system-deps clean
 
 run: $(STAMP)
 	$(BIN)/pykine
@@ -12,12 +12,12 @@ run: $(STAMP)
 # The whole suite on SQLite, then everything that is not about SQLite itself again on
 # PostgreSQL, on MySQL/MariaDB and on NATS JetStream (each pykine datastore gets a database or
 # bucket of its own; the servers are the machine's, or ones the tests start: tests/databases.py).
-test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql test-nats test-dqlite
+test: system-deps $(STAMP) lint test-sqlite test-postgres test-mysql test-nats test-dqlite test-passthrough
 
 SERVER_SUITES := tests/test_kv_differential.py tests/test_property.py tests/test_etcdctl.py \
 	tests/test_watch_differential.py tests/test_watch_stress.py tests/test_go_client.py tests/test_lease.py \
 	tests/test_crash.py tests/test_concurrency.py tests/test_shared_datastore.py tests/test_bad_input.py \
-	tests/test_quota.py tests/test_auth.py
+	tests/test_quota.py tests/test_auth.py tests/test_client.py
 test-sqlite: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 test-postgres: system-deps $(STAMP)
@@ -28,6 +28,11 @@ test-nats: system-deps $(STAMP)
 	PYKINE_TEST_BACKEND=nats $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
 test-dqlite: system-deps $(STAMP)
 	PYKINE_TEST_BACKEND=dqlite $(BIN)/python -m pytest -q $(SERVER_SUITES) $(PYTEST_ARGS)
+# pykine as a passthrough (an http:// endpoint) in front of a real etcd the tests start, the gateway
+# suite too; tests of pykine's own engine (marked pykine_engine) do not apply there.
+test-passthrough: system-deps $(STAMP)
+	PYKINE_TEST_BACKEND=etcd $(BIN)/python -m pytest -q -m "not pykine_engine" $(SERVER_SUITES) \
+		tests/test_gateway_differential.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pykine tests bench

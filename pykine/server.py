@@ -11,13 +11,12 @@ import resource
 import signal
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 from pykine import __version__
 from pykine.backends import open_backend
 from pykine.backends.base import BackendError
 from pykine.cli import Settings, fail
-from pykine.client.connection import Connection, TLSConfig
-from pykine.client.errors import ConfigError
 from pykine.engine.records import MemberRow
 from pykine.engine.store import Engine
 from pykine.engine.tokens import make_tokens
@@ -30,7 +29,6 @@ from pykine.services.health import EngineProbe, HealthService, Probe, add_http_r
 from pykine.services.kv import KVService
 from pykine.services.lease import LeaseService
 from pykine.services.maintenance import ClusterService, MaintenanceService
-from pykine.services.passthrough import Passthrough
 from pykine.services.validate import MAX_RECEIVE_BYTES
 from pykine.services.watch import WatchService
 from pykine.transport.grpc import CallLimits, Registry
@@ -38,6 +36,9 @@ from pykine.transport.http1 import Router
 from pykine.transport.server import Server, ServerLimits
 from pykine.transport.tls import ReloadingTls, TlsConfigError
 from pykine.wire import health_pb2, rpc_pb2
+
+if TYPE_CHECKING:
+    from pykine.services.passthrough import Passthrough
 
 log = logging.getLogger("pykine")
 
@@ -132,6 +133,11 @@ def is_passthrough(endpoint: str) -> bool:
 
 def open_passthrough(settings: Settings) -> Passthrough:
     """The forwarder to the etcd endpoints, with --ca-file/--cert-file/--key-file for TLS to them."""
+    # Imported here: grpcio is only needed by a passthrough.
+    from pykine.client.connection import Connection, TLSConfig
+    from pykine.client.errors import ConfigError
+    from pykine.services.passthrough import Passthrough
+
     options = settings.connection
     tls = None
     if options.ca_file or options.cert_file or options.key_file:

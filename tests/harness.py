@@ -88,6 +88,7 @@ class Server:
                 return
             except grpc.RpcError:
                 if time.monotonic() > deadline:
+                    self.stop()  # not left running behind the failed test
                     raise RuntimeError(f"{self.name} did not start: {self.log()}") from None
                 time.sleep(0.05)
 
@@ -179,8 +180,22 @@ def default_endpoint(workdir: str) -> str:
 # while a pykine pointed at it runs, and keeps its data directory between runs, like a datastore.
 _upstreams: dict[str, EtcdServer] = {}
 _upstream_users: dict[str, set[int]] = {}
-# pykine flags that, in passthrough, belong to the etcd behind it.
-UPSTREAM_FLAGS = ("--quota-backend-bytes=", "--auth-token=", "--auth-token-ttl=")
+# pykine flags that, in passthrough, belong to the etcd behind it, with etcd 3.4's names.
+UPSTREAM_FLAGS = {
+    "--quota-backend-bytes=": "--quota-backend-bytes=",
+    "--auth-token=": "--auth-token=",
+    "--auth-token-ttl=": "--auth-token-ttl=",
+    "--watch-progress-notify-interval=": "--experimental-watch-progress-notify-interval=",
+}
+
+
+def upstream_args(pykine_args: list[str]) -> list[str]:
+    upstream = []
+    for arg in pykine_args:
+        for flag, etcd in UPSTREAM_FLAGS.items():
+            if arg.startswith(flag):
+                upstream.append(etcd + arg.removeprefix(flag))
+    return upstream
 
 
 def upstream_etcd(directory: str) -> str:
@@ -203,7 +218,7 @@ class PykineServer(Server):
         if upstream is not None:
             users = _upstream_users.setdefault(self.endpoint, set())
             if upstream.process is None:
-                upstream.extra_args = [arg for arg in self.extra_args if arg.startswith(UPSTREAM_FLAGS)]
+                upstream.extra_args = upstream_args(self.extra_args)
                 upstream.start()
             users.add(id(self))
         super().start(timeout)

@@ -150,6 +150,7 @@ def test_every_instance_enforces_one_store(two: tuple[PykineServer, PykineServer
     assert eventually(lambda: ((o := call(first, "KV", "Put", put)).ok and o) or None, "disable on first").ok
 
 
+@pytest.mark.pykine_engine
 def test_client_certificate_common_name_is_the_user(tmp_path: Path) -> None:
     """With --trusted-ca-file and no token, the verified certificate's CommonName is the user, as in etcd."""
     authority = certs.Authority(str(tmp_path), "auth")
@@ -185,6 +186,7 @@ def test_client_certificate_common_name_is_the_user(tmp_path: Path) -> None:
         pykine.stop()
 
 
+@pytest.mark.pykine_engine
 def test_jwt_tokens(tmp_path: Path) -> None:
     """--auth-token jwt: tokens verify on every instance holding the public key; a forged one is refused."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -302,6 +304,7 @@ def test_etcdctl_user_flag_end_to_end(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.pykine_engine
 def test_hashed_passwords(tmp_path: Path) -> None:
     """etcd 3.5's hashedPassword: a bcrypt hash made by the client (Go writes $2a$); anything else is refused."""
     import bcrypt

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -456,3 +457,77 @@ def test_importable_without_the_server_dependencies() -> None:
     assert "unavailable: 127.0.0.1:1" in result.stdout
     loaded = result.stdout.strip().splitlines()[-1]
     assert "pykine.server" not in loaded and "pykine.engine" not in loaded and "pykine.transport" not in loaded
+
+
+def pykine_client(server: Server, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pykine", "client", f"--endpoints={endpoint(server)}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        check=False,
+    )
+
+
+def test_the_client_subcommand(target: Server, prefix: str) -> None:
+    created = pykine_client(target, "create", prefix + "a", "hello")
+    assert created.returncode == 0, created.stderr
+    revision = int(created.stdout)
+    got = pykine_client(target, "get", prefix + "a", "-w", "json")
+    assert json.loads(got.stdout) == {"key": prefix + "a", "data": "hello", "modified": revision}
+    assert pykine_client(target, "get", prefix + "a").stdout == f"{prefix}a\nhello\n"
+    stale = pykine_client(target, "update", prefix + "a", str(revision + 100), "lost")
+    assert stale.returncode == 1
+    assert stale.stderr == (
+        f"pykine client: error: key {(prefix + 'a').encode()!r} was expected at revision {revision + 100}"
+        f" but is at revision {revision}\n"
+    )
+    updated = pykine_client(target, "update", prefix + "a", str(revision), "-", stdin="from stdin")
+    assert updated.returncode == 0, updated.stderr
+    assert pykine_client(target, "list", prefix).stdout == f"{prefix}a\nfrom stdin\n"
+    assert pykine_client(target, "list", prefix, "--revision", str(revision)).stdout == f"{prefix}a\nhello\n"
+    assert pykine_client(target, "delete", prefix + "a", updated.stdout.strip()).returncode == 0
+    missing = pykine_client(target, "get", prefix + "a")
+    name = (prefix + "a").encode()
+    assert (missing.returncode, missing.stderr) == (1, f"pykine client: error: key {name!r} not found\n")
+    exists = pykine_client(target, "create", prefix + "b", "1"), pykine_client(target, "create", prefix + "b", "2")
+    assert exists[1].returncode == 1 and "already exists" in exists[1].stderr
+    bad = pykine_client(target, "update", prefix + "b", "abc", "x")
+    assert bad.returncode == 2 and "a revision is a whole number, not 'abc'" in bad.stderr
+
+
+def test_the_client_subcommand_watches(target: Server, prefix: str) -> None:
+    first = int(pykine_client(target, "create", prefix + "a", "1").stdout)
+    command = [sys.executable, "-m", "pykine", "client", f"--endpoints={endpoint(target)}", "-w", "json"]
+    watch = subprocess.Popen(
+        [*command, "watch", prefix, "--revision", str(first)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    try:
+        assert watch.stdout is not None
+        put = {"kind": "put", "key": prefix + "a", "data": "1", "modified": first}
+        assert json.loads(watch.stdout.readline()) == put
+        deleted = int(pykine_client(target, "delete", prefix + "a", str(first)).stdout)
+        assert json.loads(watch.stdout.readline()) == {**put, "kind": "delete", "data": "", "modified": deleted}
+    finally:
+        watch.terminate()
+        watch.wait(timeout=30)
+
+
+def test_the_client_subcommand_reports_unreachable_endpoints() -> None:
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "pykine", "client", f"--endpoints=127.0.0.1:{port}", "--timeout=5", "list", "/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"pykine client: error: UNAVAILABLE from 127.0.0.1:{port}: "), done.stderr
+    assert done.stdout == ""

@@ -32,6 +32,7 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.pykine_engine
 def test_concurrent_puts_are_group_committed_with_one_revision_each(server: PykineServer) -> None:
     writers, per_writer = 32, 40
     kv = server.stub("KV")

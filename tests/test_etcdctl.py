@@ -173,6 +173,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
+@pytest.mark.pykine_engine
 def test_endpoint_status_describes_pykine(session: Session) -> None:
     """Status must claim a version clients accept (>= 3.5.13) and a single self-led member."""
     _, got = session.results["endpoint status"]
@@ -185,6 +186,7 @@ def test_endpoint_status_describes_pykine(session: Session) -> None:
     assert status["dbSize"] > 0
 
 
+@pytest.mark.pykine_engine
 def test_member_list_describes_pykine(session: Session) -> None:
     """One member, reachable at the address pykine listens on."""
     _, got = session.results["member list"]
@@ -208,6 +210,7 @@ def pykine() -> Iterator[PykineServer]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.pykine_engine
 def test_plain_transcript(pykine: PykineServer) -> None:
     """A readable session in etcdctl's default output, as an operator would see it."""
     member_id = r"[0-9a-f]+"

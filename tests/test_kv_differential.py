@@ -468,6 +468,7 @@ def test_fresh_store_starts_at_revision_one(fresh: Pair) -> None:
     fresh.kv("DeleteRange", pb.DeleteRangeRequest(key=b"a"))
 
 
+@pytest.mark.pykine_engine
 def test_status_alarm_and_member_list(servers: Pair) -> None:
     load(servers, KEYS[:3])
     etcd, pykine = servers.both("Maintenance", "Status", pb.StatusRequest())

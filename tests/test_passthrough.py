@@ -166,14 +166,12 @@ def test_tls_on_both_sides(tmp_path: Path) -> None:
     etcd.start()
     try:
         pykine.start()
-        try:
-            pykine.stub("KV").Put(pb.PutRequest(key=b"secure", value=b"yes"), timeout=10)
-            assert etcd.stub("KV").Range(pb.RangeRequest(key=b"secure"), timeout=10).kvs[0].value == b"yes"
-            tls = [f"--cacert={authority.cert}", f"--cert={client_pair.cert}", f"--key={client_pair.key}"]
-            got = etcdctl(pykine, *tls, "get", "secure", "--print-value-only")
-            assert got.stdout == "yes\n", got.stderr
-        finally:
-            pykine.stop()
+        pykine.stub("KV").Put(pb.PutRequest(key=b"secure", value=b"yes"), timeout=10)
+        assert etcd.stub("KV").Range(pb.RangeRequest(key=b"secure"), timeout=10).kvs[0].value == b"yes"
+        tls = [f"--cacert={authority.cert}", f"--cert={client_pair.cert}", f"--key={client_pair.key}"]
+        got = etcdctl(pykine, *tls, "get", "secure", "--print-value-only")
+        assert got.stdout == "yes\n", got.stderr
+        pykine.stop()
         # Without the client certificate etcd refuses pykine: every call is UNAVAILABLE, never an empty answer.
         pykine.extra_args = [arg for arg in pykine.extra_args if not arg.startswith(("--cert-file", "--key-file"))]
         channel = start_without_etcd(pykine, credentials)
@@ -183,8 +181,8 @@ def test_tls_on_both_sides(tmp_path: Path) -> None:
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             channel.close()
-            pykine.stop()
     finally:
+        pykine.stop()
         etcd.stop()
 
 
@@ -301,8 +299,8 @@ def start_without_etcd(pykine: PykineServer, credentials: grpc.ChannelCredential
 def test_an_unreachable_etcd_is_unavailable_not_empty(tmp_path: Path) -> None:
     """pykine starts (etcd may come later), and meanwhile every call is UNAVAILABLE with the reason."""
     pykine = PykineServer(str(tmp_path), endpoint=f"http://127.0.0.1:{free_port()}")
-    channel = start_without_etcd(pykine)
     try:
+        channel = start_without_etcd(pykine)
         with pytest.raises(grpc.RpcError) as failed:
             rpc_pb2_grpc.KVStub(channel).Range(pb.RangeRequest(key=b"k"), timeout=10)
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -311,6 +309,53 @@ def test_an_unreachable_etcd_is_unavailable_not_empty(tmp_path: Path) -> None:
             with pytest.raises(urllib.error.HTTPError) as unhealthy:
                 urllib.request.urlopen(f"http://{pykine.address}{path}", timeout=10)
             assert unhealthy.value.code == 503, path
-    finally:
         channel.close()
+    finally:
         pykine.stop()
+
+
+def test_requests_that_crash_etcd_34_are_refused_in_front_of_it(upstream: EtcdServer, proxy: PykineServer) -> None:
+    """etcd 3.4 panics on these (taking every client down); through pykine they get etcd 3.5's or pykine's answer."""
+    kv = proxy.stub("KV")
+    kv.Put(pb.PutRequest(key=b"a", value=b"kept"), timeout=10)
+    delete_a = pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"a"))
+    # Every key from "a" on: etcd's duplicate-key check sees an empty interval, its apply deletes "a".
+    delete_from_a = pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"a", range_end=b"\0"))
+    keep_value = pb.RequestOp(request_put=pb.PutRequest(key=b"a", ignore_value=True))
+    keep_lease = pb.RequestOp(request_put=pb.PutRequest(key=b"a", value=b"v", ignore_lease=True))
+    absent = pb.Compare(key=b"a", target=pb.Compare.VERSION, result=pb.Compare.EQUAL, version=0)  # false: "a" exists
+    crashing = [
+        pb.TxnRequest(success=[delete_from_a, keep_value]),
+        pb.TxnRequest(failure=[delete_from_a, keep_lease]),
+        # The delete in a nested txn, the put after it in the outer branch, and the other way round.
+        pb.TxnRequest(success=[pb.RequestOp(request_txn=pb.TxnRequest(success=[delete_from_a])), keep_value]),
+        pb.TxnRequest(
+            success=[pb.RequestOp(request_txn=pb.TxnRequest(compare=[absent], failure=[delete_from_a])), keep_value]
+        ),
+        pb.TxnRequest(success=[delete_from_a, pb.RequestOp(request_txn=pb.TxnRequest(success=[keep_lease]))]),
+    ]
+    for request in crashing:
+        with pytest.raises(grpc.RpcError) as refused:
+            kv.Txn(request, timeout=10)
+        assert (refused.value.code(), refused.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "etcdserver: key not found",
+        )
+    # An overlap etcd sees is etcd's to refuse, in its own words.
+    with pytest.raises(grpc.RpcError) as duplicate:
+        kv.Txn(pb.TxnRequest(success=[delete_a, keep_value]), timeout=10)
+    assert duplicate.value.details() == "etcdserver: duplicate key given in txn request"
+    bad_sort = pb.RangeRequest(key=b"a", sort_order=pb.RangeRequest.ASCEND, sort_target=9)
+    for call in (
+        lambda: kv.Range(bad_sort, timeout=10),
+        lambda: kv.Txn(pb.TxnRequest(failure=[pb.RequestOp(request_range=bad_sort)]), timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.details() == "etcdserver: invalid sort option"
+    # What etcd handles stays etcd's: ignore_value with no delete before it, or after a delete in the branch
+    # of a nested txn that cannot run (with no compares, only the success branch runs).
+    assert kv.Txn(pb.TxnRequest(success=[keep_value]), timeout=10).succeeded
+    never_runs = pb.RequestOp(request_txn=pb.TxnRequest(failure=[delete_from_a]))
+    assert kv.Txn(pb.TxnRequest(success=[never_runs, keep_value]), timeout=10).succeeded
+    assert upstream.stub("KV").Range(pb.RangeRequest(key=b"a"), timeout=10).kvs[0].value == b"kept"

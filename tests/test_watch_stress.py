@@ -709,6 +709,7 @@ def check_stream(
     return expected_revisions, events
 
 
+@pytest.mark.pykine_engine
 def test_request_progress_under_load_only_reports_delivered_revisions(pykine: PykineServer) -> None:
     """Every RequestProgress answer at P comes after every watched event at <= P, and P never goes back."""
     watch = PausableWatch(pykine.channel)

@@ -1,8 +1,7 @@
 """A storage client for etcd and pykine: K8E's List/Get/Create/Update/Delete with compare-and-swap, and Watch.
 
 It talks etcd's gRPC API through grpcio with pykine's own wire declarations,
-and imports nothing of pykine's server, so `pip install pykine[client]`
-programs need only grpcio and protobuf.
+and imports nothing of pykine's server: it needs only grpcio and protobuf.
 
     async with Client(["http://127.0.0.1:2379"]) as client:
         revision = await client.create("/config/a", b"1")

@@ -16,7 +16,12 @@ message, unchanged. pykine's own transport, TLS termination, JSON gateway and
   etcd's own grpc-proxy. Snapshot streams the same way.
 
 Not forwarded: the TLS identity of the caller (a client certificate's
-CommonName ends here, as at any TLS-terminating proxy; use a token).
+CommonName ends here, as at any TLS-terminating proxy; use a token), and the
+few requests that make etcd 3.4 panic and stop serving everyone: a range with
+an unknown sort option (refused as etcd 3.5 refuses it) and a txn that
+deletes every key from some key on and then puts one of them with
+ignore_value or ignore_lease (refused as pykine's own engine refuses it, with
+etcd's "key not found").
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from pykine.client.connection import Connection, Metadata
 from pykine.client.errors import EtcdError
 from pykine.metrics import PASSTHROUGH_SECONDS
 from pykine.services.encode import Encoded
+from pykine.services.errors import ERR_INVALID_SORT_OPTION, ERR_KEY_NOT_FOUND
 from pykine.services.health import HEALTH_TIMEOUT, cluster_version
+from pykine.services.validate import SORT_ORDERS, SORT_TARGETS
 from pykine.transport.grpc import RpcError, Status, parse_timeout
 from pykine.wire import rpc_pb2
 
@@ -69,6 +76,49 @@ def caller_timeout(call: Any) -> float | None:
     """The seconds left of the caller's deadline (None: none), so that etcd gives up when the caller does."""
     value = call.header(b"grpc-timeout")
     return None if value is None else parse_timeout(value.encode("latin-1"))
+
+
+def check_range(request: rpc_pb2.RangeRequest) -> None:
+    if request.sort_order not in SORT_ORDERS or request.sort_target not in SORT_TARGETS:
+        raise ERR_INVALID_SORT_OPTION
+
+
+def check_txn(request: rpc_pb2.TxnRequest) -> None:
+    for branch in (request.success, request.failure):
+        _check_branch(branch, [])
+
+
+def _check_branch(ops: Any, deleted: list[bytes]) -> list[bytes]:
+    """Walk one branch in order, knowing the open-ended deletes before each op; those it may make (nested too).
+
+    Only a delete to the end of the keyspace (range end "\\0") matters: etcd's
+    duplicate-key check takes it for an empty interval and lets a later put of
+    a key it removes through, and the apply then panics on ignore_value or
+    ignore_lease. Any other overlap etcd refuses itself ("duplicate key").
+    """
+    deleted = list(deleted)
+    for op in ops:
+        kind = op.WhichOneof("request")
+        if kind == "request_range":
+            check_range(op.request_range)
+        elif kind == "request_delete_range":
+            if op.request_delete_range.range_end == b"\0":
+                deleted.append(op.request_delete_range.key)
+        elif kind == "request_put":
+            put = op.request_put
+            if (put.ignore_value or put.ignore_lease) and any(start <= put.key for start in deleted):
+                raise ERR_KEY_NOT_FOUND
+        elif kind == "request_txn":
+            nested = op.request_txn
+            after_success = _check_branch(nested.success, deleted)
+            if nested.compare:  # either branch may run, depending on the data
+                after_success += _check_branch(nested.failure, deleted)[len(deleted) :]
+            deleted = after_success  # with no compares only the success branch runs
+    return deleted
+
+
+# The checks each method's requests get before they leave (see above).
+CHECKS: dict[str, Callable[[Any], None]] = {"Range": check_range, "Txn": check_txn}
 
 
 def _status(error: EtcdError) -> RpcError:
@@ -107,13 +157,17 @@ class Passthrough:
             return self._bidirectional(path)
         if method.server_streaming:
             return self._server_streaming(path)
-        return self._unary(path, method.name in REPEATABLE)
+        return self._unary(path, method.name in REPEATABLE, CHECKS.get(method.name))
 
-    def _unary(self, path: str, repeatable: bool) -> Callable[[Any, Any], Awaitable[Encoded]]:
+    def _unary(
+        self, path: str, repeatable: bool, check: Callable[[Any], None] | None
+    ) -> Callable[[Any, Any], Awaitable[Encoded]]:
         connection = self.connection
         timing = PASSTHROUGH_SECONDS.labels(path)
 
         async def forward(request: Any, call: Any) -> Encoded:
+            if check is not None:
+                check(request)
             started = time.perf_counter()
             try:
                 answer = await connection.unary(
