@@ -156,7 +156,7 @@ async def serve(settings: Settings) -> None:
     passthrough: Passthrough | None = None
     if is_passthrough(settings.endpoint):
         passthrough = open_passthrough(settings)
-        backend_name = f"etcd passthrough to {settings.endpoint}"
+        backend_name = settings.endpoint
     else:
         backend = open_backend(settings.endpoint, settings.connection)
         backend_name = backend.name
@@ -213,13 +213,16 @@ async def serve(settings: Settings) -> None:
     await server.start()
     if metrics_server is not None:
         await metrics_server.start()
-    log.info(
-        "pykine %s serving etcd %s API on %s, datastore %s",
-        __version__,
-        settings.emulated_etcd_version,
-        url,
-        backend_name,
-    )
+    if passthrough is not None:
+        log.info("pykine %s serving the etcd API on %s, forwarding every call to %s", __version__, url, backend_name)
+    else:
+        log.info(
+            "pykine %s serving etcd %s API on %s, datastore %s",
+            __version__,
+            settings.emulated_etcd_version,
+            url,
+            backend_name,
+        )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
