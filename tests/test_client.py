@@ -29,6 +29,7 @@ from harness import ROOT, EtcdServer, PykineServer, Server, free_port
 from pykine.client import (
     AlreadyExistsError,
     Client,
+    ClientError,
     CompactedError,
     ConfigError,
     EtcdError,
@@ -277,6 +278,72 @@ def test_a_watch_resumes_on_the_next_endpoint(target: Server, prefix: str) -> No
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def test_a_watch_on_one_endpoint_resumes_after_a_restart(target: Server, prefix: str) -> None:
+    """The server goes away and comes back on the same address: the watch waits for it and misses nothing."""
+
+    async def scenario() -> None:
+        async with Client(endpoint(target), timeout=60) as client:
+            seen: list[int] = []
+
+            async def consume() -> None:
+                async for event in client.watch(prefix):
+                    seen.append(event.revision)
+                    if len(seen) == 4:
+                        return
+
+            watching = asyncio.create_task(consume())
+            await asyncio.sleep(0.5)
+            written = [await client.create(prefix + "a", b"1"), await client.create(prefix + "b", b"2")]
+            while len(seen) < 2:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(target.stop)
+            await asyncio.to_thread(target.start)
+            written += [await client.create(prefix + "c", b"3"), await client.create(prefix + "d", b"4")]
+            await asyncio.wait_for(watching, 60)
+            assert seen == written
+
+    run(scenario())
+
+
+def test_watch_cancellations_keep_their_status() -> None:
+    """etcd puts grpc-go's text of a status in cancel_reason; the client raises that status."""
+    from pykine.client.storage import _cancellation
+    from pykine.wire import rpc_pb2
+
+    denied = rpc_pb2.WatchResponse(
+        canceled=True, cancel_reason="rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+    )
+    error = _cancellation(denied, "e:1")
+    assert (type(error), error.code, error.message) == (EtcdError, 7, "etcdserver: permission denied")
+    compacted = _cancellation(rpc_pb2.WatchResponse(canceled=True, compact_revision=5), "e:1")
+    assert isinstance(compacted, CompactedError) and compacted.compact_revision == 5
+    no_leader = rpc_pb2.WatchResponse(canceled=True, cancel_reason="rpc error: code = Unavailable desc = no leader")
+    assert isinstance(_cancellation(no_leader, "e:1"), UnavailableError)
+    assert _cancellation(rpc_pb2.WatchResponse(canceled=True, cancel_reason="odd"), "e:1").code == 2
+
+
+def test_closing_a_sync_client_ends_a_watch_in_another_thread(target: Server, prefix: str) -> None:
+    client = SyncClient(endpoint(target))
+    outcome: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            for _ in client.watch(prefix):
+                pass
+        except BaseException as error:  # what the watching thread is told
+            outcome.append(error)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    client.create(prefix + "a", b"1")
+    client.close()
+    watcher.join(timeout=30)
+    assert not watcher.is_alive(), "the watch outlived its client"
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientError), outcome
+    with pytest.raises(ClientError, match="closed"):
+        client.get(prefix + "a")
+
+
 def test_sync_client(target: Server, prefix: str) -> None:
     with SyncClient(endpoint(target)) as client:
         revision = client.create(prefix + "a", b"1")
@@ -410,6 +477,8 @@ def test_bad_configuration_is_refused_before_any_call(tmp_path: Path) -> None:
     one, other = authority.issue("one", "one", server=False), authority.issue("two", "two", server=False)
     with pytest.raises(ConfigError, match="bad certificate or key"):
         Client("https://127.0.0.1:2379", TLSConfig(authority.cert, one.cert, other.key))
+    with pytest.raises(ConfigError, match="TLS settings given for http:// endpoints"):
+        Client("http://127.0.0.1:2379", TLSConfig(ca_file=authority.cert))
     for endpoints, problem in [
         ([], "no endpoints"),
         ("etcd", "not host:port"),

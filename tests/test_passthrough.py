@@ -226,7 +226,15 @@ def test_several_endpoints_and_the_loss_of_the_leader(tmp_path: Path) -> None:
         kv = pykine.stub("KV")
         kv.Put(pb.PutRequest(key=b"a", value=b"1"), timeout=10)
         cluster.members[0].kill()  # the endpoint pykine uses first
-        kv.Put(pb.PutRequest(key=b"a", value=b"2"), timeout=20)  # never reached member 0: moved on
+        # A stream on the dead member ends UNAVAILABLE, and the next one goes to the next endpoint.
+        create = [pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"a"))]
+        with pytest.raises(grpc.RpcError) as lost:
+            next(pykine.stub("Watch").Watch(iter(create), timeout=20))
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+        again = pykine.stub("Watch").Watch(iter(create), timeout=20)
+        assert next(again).created
+        again.cancel()
+        kv.Put(pb.PutRequest(key=b"a", value=b"2"), timeout=20)
         assert kv.Range(pb.RangeRequest(key=b"a"), timeout=20).kvs[0].value == b"2"
         survivor = cluster.members[2]
         require_leader = [("hasleader", "true")]
@@ -275,6 +283,7 @@ def run_pykine(*args: str) -> subprocess.CompletedProcess[str]:
         (["--endpoint=http://a:1,https://b:2"], "passthrough endpoint: endpoints mix http:// and https://"),
         (["--endpoint=https://a:1", "--ca-file=/nonexistent/ca.pem"], "cannot read /nonexistent/ca.pem"),
         (["--endpoint=https://a:1", "--skip-verify"], "--skip-verify does not apply to a passthrough"),
+        (["--endpoint=http://a:1", "--ca-file=/etc/hostname"], "TLS settings given for http:// endpoints"),
     ],
 )
 def test_bad_passthrough_settings_are_refused(args: list[str], message: str) -> None:

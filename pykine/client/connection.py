@@ -30,6 +30,7 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     # Probe an idle connection, so a watch on a dead endpoint fails over instead of hanging.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # a watch sends nothing after its create request
 ]
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -70,8 +71,8 @@ def _read(path: str) -> bytes | None:
         raise ConfigError(f"TLS: cannot read {path}: {error.strerror}") from None
 
 
-def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[list[str], bool]:
-    """gRPC targets (host:port) and whether they want TLS, from etcd-style endpoints.
+def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[list[str], str]:
+    """gRPC targets (host:port) and the scheme they share ("http", "https", or "" when none is given).
 
     `http://host:port`, `https://host:port` or `host:port`, one or a comma-separated list.
     """
@@ -89,11 +90,12 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[list[str], bool]:
         host, colon, port = address.rpartition(":")
         if not colon or not host or not port.isdigit() or "/" in address:
             raise ConfigError(f"endpoint {endpoint!r} is not host:port")
-        schemes.add(scheme or "http")
+        if scheme:
+            schemes.add(scheme)
         targets.append(address)
     if len(schemes) > 1:
         raise ConfigError("endpoints mix http:// and https://")
-    return targets, schemes == {"https"}
+    return targets, schemes.pop() if schemes else ""
 
 
 class Connection:
@@ -102,11 +104,13 @@ class Connection:
     def __init__(
         self, endpoints: str | Sequence[str], tls: TLSConfig | None = None, timeout: float | None = 30.0
     ) -> None:
-        self.targets, secure = parse_endpoints(endpoints)
+        self.targets, scheme = parse_endpoints(endpoints)
         self.credentials: grpc.ChannelCredentials | None = None
         if tls is not None:
+            if scheme == "http":
+                raise ConfigError("TLS settings given for http:// endpoints: name them https://")
             self.credentials = tls.credentials()
-        elif secure:
+        elif scheme == "https":
             self.credentials = grpc.ssl_channel_credentials()  # the system's CAs
         self.timeout = timeout
         self.current = 0
@@ -159,9 +163,11 @@ class Connection:
                 return await method(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as error:
                 failure = self.error(error, index)
-                if not isinstance(failure, UnavailableError) or not (repeatable or never_sent(error)):
+                if not isinstance(failure, UnavailableError):
                     raise failure from None
-                self.fail_over(index)
+                self.fail_over(index)  # later calls go elsewhere, whether or not this one may be retried
+                if not (repeatable or never_sent(error)):
+                    raise failure from None
         assert failure is not None
         raise failure
 

@@ -18,6 +18,9 @@ update() and delete().
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -30,15 +33,49 @@ from pykine.client.errors import (
     UNAVAILABLE,
     UNKNOWN,
     AlreadyExistsError,
+    ClientError,
     CompactedError,
     EtcdError,
     NotFoundError,
     RevisionMismatchError,
     UnavailableError,
+    status_error,
 )
 from pykine.wire import kv_pb2, rpc_pb2
 
 Key = str | bytes
+
+# A refused watch's cancel_reason, as grpc-go formats a status.
+GO_STATUS = re.compile(r"rpc error: code = (\w+) desc = (.*)", re.DOTALL)
+CODES_BY_GO_NAME = {
+    name: code
+    for code, name in enumerate(
+        [
+            "OK",
+            "Canceled",
+            "Unknown",
+            "InvalidArgument",
+            "DeadlineExceeded",
+            "NotFound",
+            "AlreadyExists",
+            "PermissionDenied",
+            "ResourceExhausted",
+            "FailedPrecondition",
+            "Aborted",
+            "OutOfRange",
+            "Unimplemented",
+            "Internal",
+            "Unavailable",
+            "DataLoss",
+            "Unauthenticated",
+        ]
+    )
+}
+# Pauses between a failed watch and the next try: doubled each time, up to the maximum.
+RETRY_PAUSE = 0.05
+MAX_RETRY_PAUSE = 2.0
+# etcd's metadata for "end this stream when the member loses its leader" (Go's WithRequireLeader).
+REQUIRE_LEADER = (("hasleader", "true"),)
 
 RANGE = "/etcdserverpb.KV/Range"
 TXN = "/etcdserverpb.KV/Txn"
@@ -95,6 +132,7 @@ class Client:
         self, endpoints: str | Sequence[str], tls: TLSConfig | None = None, *, timeout: float | None = 30.0
     ) -> None:
         self.connection = Connection(endpoints, tls, timeout)
+        self.closed = False
 
     async def __aenter__(self) -> Client:
         return self
@@ -105,6 +143,7 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        self.closed = True
         await self.connection.close()
 
     async def _range(self, request: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
@@ -174,31 +213,32 @@ class Client:
     async def watch(self, prefix: Key, revision: int = 0) -> AsyncIterator[Event]:
         """Changes under `prefix` from `revision` on (0: from now), until the iterator is closed.
 
-        When its endpoint fails, the watch resumes on the next endpoint after
-        the last revision it delivered, so no event is lost or repeated; once
-        every endpoint has failed in a row, UnavailableError. CompactedError
-        when `revision` (or the resume point) has been compacted.
+        The watch requires a leader, as Kubernetes' do, so a member cut off
+        from its quorum ends it instead of going quiet. When its endpoint
+        fails, the watch resumes (on the next endpoint, pausing longer each
+        time) after the last revision it delivered, so no event is lost or
+        repeated; UnavailableError once no endpoint has served it for the
+        client's timeout. CompactedError when `revision` (or the resume point)
+        has been compacted.
         """
         start, end = prefix_range(as_bytes(prefix))
         connection = self.connection
         next_revision = revision
-        failures = 0
+        pause = RETRY_PAUSE
+        give_up: float | None = None  # while failing: when to stop trying
         while True:
             create = rpc_pb2.WatchCreateRequest(
                 key=start, range_end=end, start_revision=next_revision, progress_notify=True
             )
-            call, index = connection.stream(WATCH, timeout=None)
+            call, index = connection.stream(WATCH, metadata=REQUIRE_LEADER)
             endpoint = connection.targets[index]
             try:
                 await call.write(rpc_pb2.WatchRequest(create_request=create).SerializeToString())
                 async for answer in call:
                     response = rpc_pb2.WatchResponse.FromString(answer)
                     if response.canceled:
-                        reason = response.cancel_reason or "the server canceled the watch"
-                        if response.compact_revision:
-                            raise CompactedError(OUT_OF_RANGE, reason, endpoint, response.compact_revision)
-                        raise EtcdError(UNKNOWN, reason, endpoint)
-                    failures = 0
+                        raise _cancellation(response, endpoint)
+                    give_up, pause = None, RETRY_PAUSE  # served: a later failure starts a new streak
                     for event in response.events:
                         kind = "delete" if event.type == kv_pb2.Event.DELETE else "put"
                         yield Event(kind, _value(event.kv))
@@ -211,9 +251,28 @@ class Client:
                 failure = connection.error(error, index)
                 if not isinstance(failure, UnavailableError):
                     raise failure from None
+            except asyncio.CancelledError:
+                if self.closed:  # grpc cancels the calls of a closed channel
+                    raise ClientError("the client was closed during the watch") from None
+                raise
             finally:
                 call.cancel()
-            failures += 1
-            if failures >= len(connection.targets):
+            now = time.monotonic()
+            if give_up is None and connection.timeout is not None:
+                give_up = now + connection.timeout
+            if give_up is not None and now >= give_up:
                 raise failure
             connection.fail_over(index)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_RETRY_PAUSE)
+
+
+def _cancellation(response: rpc_pb2.WatchResponse, endpoint: str) -> EtcdError:
+    """The error for a watch etcd canceled: compacted, or the status grpc-go's text names (etcd's cancel_reason)."""
+    reason = response.cancel_reason or "the server canceled the watch"
+    if response.compact_revision:
+        return CompactedError(OUT_OF_RANGE, reason, endpoint, response.compact_revision)
+    status = GO_STATUS.fullmatch(reason)
+    if status is None:
+        return EtcdError(UNKNOWN, reason, endpoint)
+    return status_error(CODES_BY_GO_NAME.get(status[1], UNKNOWN), status[2], endpoint)

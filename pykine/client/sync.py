@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from pykine.client.connection import TLSConfig
+from pykine.client.errors import ClientError
 from pykine.client.storage import Client, Event, Key, Value
 
 T = TypeVar("T")
@@ -24,9 +27,21 @@ class SyncClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pykine-client", daemon=True)
         self._thread.start()
+        self._closed = False
+        self._closing = threading.Lock()
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        if self._closed:
+            coroutine.close()
+            raise ClientError("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:
+                if self._closed and not self._loop.is_running():  # closed by another thread meanwhile
+                    future.cancel()
+                    raise ClientError("the client was closed") from None
 
     def __enter__(self) -> SyncClient:
         return self
@@ -52,22 +67,55 @@ class SyncClient:
         return self._run(self._client.delete(key, revision))
 
     def watch(self, prefix: Key, revision: int = 0) -> Iterator[Event]:
-        """Client.watch as a blocking iterator; closing it (or leaving a for loop) ends the watch."""
+        """Client.watch as a blocking iterator; closing it (or leaving a for loop, or Ctrl-C) ends the watch."""
         events = self._client.watch(prefix, revision)
+        step: asyncio.Task[Event] | None = None
         try:
             while True:
+                step = self._run(_start(anext(events)))  # type: ignore[arg-type]
                 try:
-                    yield self._run(anext(events))
+                    event = self._run(_finished(step))
                 except StopAsyncIteration:
                     return
+                step = None
+                yield event
         finally:
-            if not self._loop.is_closed():
-                self._run(events.aclose())
+            self._end_watch(events, step)
+
+    def _end_watch(self, events: AsyncIterator[Event], step: asyncio.Task[Event] | None) -> None:
+        """Stop a watch's pending read (still running after an interrupt), then close its stream."""
+        if self._closed:
+            return  # closing the client ended every stream
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_stop(events, step), self._loop).result(timeout=STOP_TIMEOUT)
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._run(self._client.close())
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+        asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout=STOP_TIMEOUT)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+# Longest a closing client or watch waits for the loop thread.
+STOP_TIMEOUT = 10.0
+
+
+async def _start(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task for the coroutine on the client's loop, returned at once so that it can be cancelled later."""
+    return asyncio.ensure_future(coroutine)
+
+
+async def _finished(task: asyncio.Task[T]) -> T:
+    return await asyncio.shield(task)  # an interrupted wait leaves the task for _stop to cancel
+
+
+async def _stop(events: AsyncIterator[Event], step: asyncio.Task[Event] | None) -> None:
+    if step is not None and not step.done():
+        step.cancel()
+        with contextlib.suppress(BaseException):
+            await step
+    await events.aclose()  # type: ignore[attr-defined]

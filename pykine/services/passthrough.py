@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import SimpleNamespace
@@ -37,7 +39,7 @@ import grpc.aio
 from google.protobuf.descriptor import MethodDescriptor
 
 from pykine.client.connection import Connection, Metadata
-from pykine.client.errors import EtcdError
+from pykine.client.errors import EtcdError, UnavailableError
 from pykine.metrics import PASSTHROUGH_SECONDS
 from pykine.services.encode import Encoded
 from pykine.services.errors import ERR_INVALID_SORT_OPTION, ERR_KEY_NOT_FOUND
@@ -45,6 +47,8 @@ from pykine.services.health import HEALTH_TIMEOUT, cluster_version
 from pykine.services.validate import SORT_ORDERS, SORT_TARGETS
 from pykine.transport.grpc import RpcError, Status, parse_timeout
 from pykine.wire import rpc_pb2
+
+log = logging.getLogger(__name__)
 
 SERVICES = ("KV", "Watch", "Lease", "Cluster", "Maintenance", "Auth")
 
@@ -68,8 +72,20 @@ REPEATABLE = {
 _HOP_HEADERS = ("user-agent", "grpc-")
 
 
+# What gRPC allows as a metadata key, and as a value that is not binary (-bin).
+_KEY = re.compile(r"[0-9a-z_.-]+")
+_TEXT = re.compile(r"[ -~]*")
+
+
 def forwarded_metadata(call: Any) -> Metadata:
-    return [(name, value) for name, value in call.metadata.items() if not name.startswith(_HOP_HEADERS)]
+    """The caller's metadata for etcd: not the hop's own headers, nor what gRPC would refuse to send."""
+    return [
+        (name, value)
+        for name, value in call.metadata.items()
+        if not name.startswith(_HOP_HEADERS)
+        and _KEY.fullmatch(name)
+        and (isinstance(value, bytes) or _TEXT.fullmatch(value))
+    ]
 
 
 def caller_timeout(call: Any) -> float | None:
@@ -130,11 +146,15 @@ def _status(error: EtcdError) -> RpcError:
 
 @contextlib.contextmanager
 def _upstream_errors(connection: Connection, index: int) -> Iterator[None]:
-    """A failed stream ends the caller's with etcd's status and message."""
+    """A failed stream ends the caller's with etcd's status and message; when etcd was unavailable,
+    the caller's next stream goes to the next endpoint."""
     try:
         yield
     except grpc.aio.AioRpcError as error:
-        raise _status(connection.error(error, index)) from None
+        failure = connection.error(error, index)
+        if isinstance(failure, UnavailableError):
+            connection.fail_over(index)
+        raise _status(failure) from None
 
 
 class Passthrough:
@@ -220,8 +240,11 @@ class Passthrough:
             finally:
                 sending.cancel()
                 upstream.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+                try:
                     await sending
+                except (asyncio.CancelledError, Exception) as error:
+                    # The call's end already says what happened: a write to an ended call is no news.
+                    log.debug("%s: forwarding requests ended: %r", path, error)
 
         return forward
 
