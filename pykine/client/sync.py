@@ -74,7 +74,7 @@ class SyncClient:
             while True:
                 step = self._run(_start(anext(events)))  # type: ignore[arg-type]
                 try:
-                    event = self._run(_finished(step))
+                    event: Event = self._run(_finished(step))
                 except StopAsyncIteration:
                     return
                 step = None
