@@ -133,7 +133,11 @@ def _duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pykine", description="An etcd v3 API server backed by ordinary databases.")
+    parser = _Parser(
+        prog="pykine",
+        description="An etcd v3 API server backed by ordinary databases.",
+        epilog="`pykine client …` calls etcd or pykine with the storage client (pykine client --help).",
+    )
     parser.add_argument(
         "--listen-address",
         default=_env("listen-address") or "127.0.0.1:2379",
@@ -142,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--endpoint",
         default=_env("endpoint") or "",
-        help="datastore DSN; empty means SQLite at ./db/state.db, or sqlite://path.db?options",
+        help="datastore DSN; empty means SQLite at ./db/state.db, or sqlite://path.db?options; "
+        "http(s)://etcd:2379[,…] forwards every call to those etcd endpoints",
     )
     parser.add_argument(
         "--log-format",
@@ -204,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("trusted-ca-file", "CA that must have signed every client's certificate (turns mTLS on)"),
     ):
         client_tls.add_argument(f"--{flag}", default=_env(flag) or "", help=what)
-    datastore = parser.add_argument_group("database servers (postgres://, mysql://)")
+    datastore = parser.add_argument_group("database servers (postgres://, mysql://) and etcd (https://)")
     for flag, what in (
-        ("ca-file", "CA certificate to verify the database server with"),
-        ("cert-file", "client certificate to present to the database server"),
+        ("ca-file", "CA certificate to verify the database server (or etcd) with"),
+        ("cert-file", "client certificate to present to the database server (or etcd)"),
         ("key-file", "key of the client certificate"),
     ):
         datastore.add_argument(f"--{flag}", default=_env(flag) or "", help=what)
