@@ -213,6 +213,20 @@ class EtcdCluster:
             member.stop()
 
 
+def wait_for_a_leader(member: EtcdServer, lost_id: int) -> None:
+    """Until `member` knows a leader other than the member that is gone."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            status = member.stub("Maintenance").Status(pb.StatusRequest(), timeout=5)
+            if status.leader and status.leader != lost_id:
+                return
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < deadline, "the surviving members elected no leader"
+        time.sleep(0.1)
+
+
 def test_several_endpoints_and_the_loss_of_the_leader(tmp_path: Path) -> None:
     """Three etcd members behind one pykine: calls move on when a member dies; with quorum gone, a watch
     that requires a leader ends with etcd's own error, through pykine as directly."""
@@ -225,6 +239,16 @@ def test_several_endpoints_and_the_loss_of_the_leader(tmp_path: Path) -> None:
         pykine.start()
         kv = pykine.stub("KV")
         kv.Put(pb.PutRequest(key=b"a", value=b"1"), timeout=10)
+        # Member 0 leads, so that losing it also means an election.
+        dead = cluster.members[0].stub("Maintenance").Status(pb.StatusRequest(), timeout=10).header.member_id
+        leader = cluster.members[0].stub("Maintenance").Status(pb.StatusRequest(), timeout=10).leader
+        if leader != dead:
+            [leading] = [
+                m
+                for m in cluster.members
+                if m.stub("Maintenance").Status(pb.StatusRequest()).header.member_id == leader
+            ]
+            leading.stub("Maintenance").MoveLeader(pb.MoveLeaderRequest(targetID=dead), timeout=30)
         cluster.members[0].kill()  # the endpoint pykine uses first
         # A stream on the dead member ends UNAVAILABLE, and the next one goes to the next endpoint.
         create = [pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"a"))]
@@ -234,6 +258,7 @@ def test_several_endpoints_and_the_loss_of_the_leader(tmp_path: Path) -> None:
         again = pykine.stub("Watch").Watch(iter(create), timeout=20)
         assert next(again).created
         again.cancel()
+        wait_for_a_leader(cluster.members[2], dead)  # if 0 led, the others elect one
         kv.Put(pb.PutRequest(key=b"a", value=b"2"), timeout=20)
         assert kv.Range(pb.RangeRequest(key=b"a"), timeout=20).kvs[0].value == b"2"
         survivor = cluster.members[2]
