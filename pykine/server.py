@@ -143,7 +143,8 @@ def open_passthrough(settings: Settings) -> Passthrough:
     if options.ca_file or options.cert_file or options.key_file:
         tls = TLSConfig(options.ca_file, options.cert_file, options.key_file)
     try:
-        return Passthrough(Connection(settings.endpoint, tls, timeout=None))
+        # The callers' own etcd clients retry an UNAVAILABLE answer: pass it on at once.
+        return Passthrough(Connection(settings.endpoint, tls, timeout=None, wait_for_endpoints=False))
     except ConfigError as error:
         raise BackendError(f"passthrough endpoint: {error}") from None
 

@@ -4,7 +4,9 @@ One grpc.aio channel per endpoint, made when first needed. Calls go to the
 current endpoint; when it is unavailable, the next one becomes current and
 the call is tried there, as etcd's Go client does: a read (`repeatable`) on
 any UNAVAILABLE, a write only when the request never left (the connection
-could not be made), so that a write is never applied twice.
+could not be made), so that a write is never applied twice. When every
+endpoint has failed so, the storage client tries again until the call's
+deadline; the passthrough answers at once (its callers retry).
 
 Messages cross this layer as bytes: the storage client serialises its own
 requests, and pykine's passthrough forwards the bytes it received untouched.
@@ -31,7 +33,15 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),  # a watch sends nothing after its create request
+    # Reconnect to an endpoint that went away within a second or two of its return (gRPC's default
+    # backoff grows to two minutes, during which calls to it fail without trying).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+# Pauses between rounds of retries over every endpoint: doubled each time, up to the maximum.
+RETRY_PAUSE = 0.05
+MAX_RETRY_PAUSE = 1.0
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -102,9 +112,17 @@ class Connection:
     """Channels to the endpoints, the current one first; calls in bytes."""
 
     def __init__(
-        self, endpoints: str | Sequence[str], tls: TLSConfig | None = None, timeout: float | None = 30.0
+        self,
+        endpoints: str | Sequence[str],
+        tls: TLSConfig | None = None,
+        timeout: float | None = 30.0,
+        wait_for_endpoints: bool = True,
     ) -> None:
+        """`timeout` bounds each call (None: no bound). `wait_for_endpoints`: a call that finds no endpoint
+        it may use (none reachable, or a read meeting UNAVAILABLE everywhere) tries again until its
+        deadline, as etcd's Go client does; without, it fails at once (for a proxy whose callers retry)."""
         self.targets, scheme = parse_endpoints(endpoints)
+        self.wait_for_endpoints = wait_for_endpoints
         self.credentials: grpc.ChannelCredentials | None = None
         if tls is not None:
             if scheme == "http":
@@ -150,26 +168,35 @@ class Connection:
         metadata: Metadata | None = None,
         timeout: float | None = None,
     ) -> bytes:
-        """Call `path` ("/etcdserverpb.KV/Range") with a serialised request; the serialised response."""
+        """Call `path` ("/etcdserverpb.KV/Range") with a serialised request; the serialised response.
+
+        With `wait_for_endpoints`, rounds of retries go on, with growing pauses,
+        until the deadline; otherwise the call fails after one round.
+        """
         deadline = self._deadline(timeout)
-        failure: EtcdError | None = None
-        for _ in self.targets:
-            index = self.current
-            method = self._unary.get((index, path))
-            if method is None:
-                method = self._unary[index, path] = self.channel(index).unary_unary(path)
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                return await method(request, timeout=remaining, metadata=metadata)
-            except grpc.aio.AioRpcError as error:
-                failure = self.error(error, index)
-                if not isinstance(failure, UnavailableError):
-                    raise failure from None
-                self.fail_over(index)  # later calls go elsewhere, whether or not this one may be retried
-                if not (repeatable or never_sent(error)):
-                    raise failure from None
-        assert failure is not None
-        raise failure
+        pause = RETRY_PAUSE
+        while True:
+            failure: EtcdError | None = None
+            for _ in self.targets:
+                index = self.current
+                method = self._unary.get((index, path))
+                if method is None:
+                    method = self._unary[index, path] = self.channel(index).unary_unary(path)
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    return await method(request, timeout=remaining, metadata=metadata)
+                except grpc.aio.AioRpcError as error:
+                    failure = self.error(error, index)
+                    if not isinstance(failure, UnavailableError):
+                        raise failure from None
+                    self.fail_over(index)  # later calls go elsewhere, whether or not this one may be retried
+                    if not (repeatable or never_sent(error)):
+                        raise failure from None
+            assert failure is not None
+            if not self.wait_for_endpoints or (deadline is not None and time.monotonic() + pause >= deadline):
+                raise failure
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_RETRY_PAUSE)
 
     def stream(
         self, path: str, metadata: Metadata | None = None, timeout: float | None = None
