@@ -201,13 +201,15 @@ async def serve(settings: Settings) -> None:
         await engine.join(MemberRow(identity.member_id, socket.gethostname(), url))
         servicers = engine_servicers(engine, identity, settings)
         probe: Probe = EngineProbe(engine, settings.emulated_etcd_version)
-        auth = engine.auth
-        auth_enabled = lambda: auth.enabled  # noqa: E731
     else:
         assert passthrough is not None
         servicers = passthrough.servicers()
         probe = passthrough
-        auth_enabled = lambda: False  # noqa: E731  # etcd behind decides, and no certificate name reaches it
+
+    def auth_enabled() -> bool:
+        """For the gateway's CommonName guard; a passthrough's etcd decides itself (no name reaches it)."""
+        return engine is not None and engine.auth.enabled
+
     register_services(registry, servicers, health)
     add_http_routes(router, probe)
     add_gateway_routes(router, servicers, MAX_RECEIVE_BYTES, auth_enabled)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import certs
@@ -238,6 +238,28 @@ def test_unreachable_endpoints_raise_unavailable(target: Server, prefix: str) ->
     run(scenario())
 
 
+async def watch_across(client: Client, prefix: str, outage: Callable[[], None]) -> None:
+    """Three writes, then `outage` (in a thread) once the watch has seen them, then three more:
+    the watch sees all six, once each, in order."""
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for event in client.watch(prefix):
+            seen.append(event.revision)
+            if len(seen) == 6:
+                return
+
+    watching = asyncio.create_task(consume())
+    await asyncio.sleep(0.5)
+    written = [await client.create(prefix + f"{n}", b"v") for n in range(3)]
+    while len(seen) < 3:
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(outage)
+    written += [await client.create(prefix + f"{n}", b"v") for n in range(3, 6)]
+    await asyncio.wait_for(watching, 60)
+    assert seen == written
+
+
 def test_a_watch_resumes_on_the_next_endpoint(target: Server, prefix: str) -> None:
     """Two endpoints on the same data: the first goes away mid-watch, and no event is lost or repeated.
 
@@ -254,23 +276,7 @@ def test_a_watch_resumes_on_the_next_endpoint(target: Server, prefix: str) -> No
 
         async def scenario() -> None:
             async with Client([endpoint(front), endpoint(target)], timeout=10) as client:
-                seen: list[int] = []
-
-                async def consume() -> None:
-                    async for event in client.watch(prefix):
-                        seen.append(event.revision)
-                        if len(seen) == 6:
-                            return
-
-                watching = asyncio.create_task(consume())
-                await asyncio.sleep(0.5)
-                written = [await client.create(prefix + f"{n}", b"v") for n in range(3)]
-                while len(seen) < 3:
-                    await asyncio.sleep(0.05)
-                await asyncio.to_thread(front.stop)
-                written += [await client.create(prefix + f"{n}", b"v") for n in range(3, 6)]
-                await asyncio.wait_for(watching, 30)
-                assert seen == written
+                await watch_across(client, prefix, front.stop)
 
         run(scenario())
     finally:
@@ -281,26 +287,13 @@ def test_a_watch_resumes_on_the_next_endpoint(target: Server, prefix: str) -> No
 def test_a_watch_on_one_endpoint_resumes_after_a_restart(target: Server, prefix: str) -> None:
     """The server goes away and comes back on the same address: the watch waits for it and misses nothing."""
 
+    def restart() -> None:
+        target.stop()
+        target.start()
+
     async def scenario() -> None:
         async with Client(endpoint(target), timeout=60) as client:
-            seen: list[int] = []
-
-            async def consume() -> None:
-                async for event in client.watch(prefix):
-                    seen.append(event.revision)
-                    if len(seen) == 4:
-                        return
-
-            watching = asyncio.create_task(consume())
-            await asyncio.sleep(0.5)
-            written = [await client.create(prefix + "a", b"1"), await client.create(prefix + "b", b"2")]
-            while len(seen) < 2:
-                await asyncio.sleep(0.05)
-            await asyncio.to_thread(target.stop)
-            await asyncio.to_thread(target.start)
-            written += [await client.create(prefix + "c", b"3"), await client.create(prefix + "d", b"4")]
-            await asyncio.wait_for(watching, 60)
-            assert seen == written
+            await watch_across(client, prefix, restart)
 
     run(scenario())
 
