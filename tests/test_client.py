@@ -140,9 +140,7 @@ def test_list_is_a_prefix_range_at_a_revision(target: Server, prefix: str) -> No
 def test_list_below_compaction_or_past_the_head_is_an_error(target: Server, prefix: str) -> None:
     async def scenario() -> None:
         async with Client(endpoint(target)) as client:
-            old = await client.create(prefix + "x", b"1")
-            head = await client.update(prefix + "x", old, b"2")
-            target.stub("KV").Compact(_compaction(head), timeout=10)
+            old, head = await compacted_history(client, target, prefix + "x")
             with pytest.raises(CompactedError, match="required revision has been compacted"):
                 await client.list(prefix, old)
             with pytest.raises(EtcdError, match="future revision") as future:
@@ -153,10 +151,14 @@ def test_list_below_compaction_or_past_the_head_is_an_error(target: Server, pref
     run(scenario())
 
 
-def _compaction(revision: int):  # type: ignore[no-untyped-def]
+async def compacted_history(client: Client, target: Server, key: str) -> tuple[int, int]:
+    """The key created, then updated, and history compacted at the update: (creation, update) revisions."""
     from aetcd.rpc import rpc_pb2
 
-    return rpc_pb2.CompactionRequest(revision=revision, physical=True)
+    old = await client.create(key, b"1")
+    head = await client.update(key, old, b"2")
+    target.stub("KV").Compact(rpc_pb2.CompactionRequest(revision=head, physical=True), timeout=10)
+    return old, head
 
 
 def test_watch_from_a_revision_sees_every_change_in_order(target: Server, prefix: str) -> None:
@@ -192,9 +194,7 @@ def test_watch_from_a_revision_sees_every_change_in_order(target: Server, prefix
 def test_watch_below_compaction_raises_compacted(target: Server, prefix: str) -> None:
     async def scenario() -> None:
         async with Client(endpoint(target)) as client:
-            old = await client.create(prefix + "a", b"1")
-            head = await client.update(prefix + "a", old, b"2")
-            target.stub("KV").Compact(_compaction(head), timeout=10)
+            old, head = await compacted_history(client, target, prefix + "a")
             with pytest.raises(CompactedError) as compacted:
                 async for _ in client.watch(prefix, old):
                     pass
