@@ -135,10 +135,6 @@ class Connection:
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._unary: dict[tuple[int, str], grpc.aio.UnaryUnaryMultiCallable] = {}
 
-    @property
-    def endpoint(self) -> str:
-        return self.targets[self.current]
-
     def channel(self, index: int) -> grpc.aio.Channel:
         channel = self._channels.get(index)
         if channel is None:
